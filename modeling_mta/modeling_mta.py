@@ -1,0 +1,344 @@
+"""Multi-Token Attention (arXiv 2504.00927) for Transformers: MTAModel and MTAForCausalLM.
+
+A Llama whose attention may convolve the score map over queries x keys, mix heads in groups,
+and normalise and gate each head's output (MTA_SPEC.md). The math lives in `mta_reference.py`;
+this file holds the parameters and wires them into a Llama-shaped model, so a Llama state dict
+loads unchanged and identity MTA parameters reproduce the Llama exactly.
+
+This file is copied verbatim into saved model folders, where `trust_remote_code=True` loads it
+beside `configuration_mta.py` and `mta_reference.py`: keep its imports relative or from transformers.
+"""
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_mta import MTAConfig
+from .mta_reference import depth_scale, group_norm, key_padding_left, mta_attention
+
+# transformers 5.2x renamed the cache argument and output field `past_key_values` to `cache`;
+# speak the installed version's name so that neither version warns.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# The attention submodules that hold MTA parameters (everything else is a Llama parameter).
+MTA_MODULE_NAMES = ("kq_conv", "kq_conv_post", "head_mix", "head_mix_post", "group_norm", "gate")
+
+
+def is_mta_parameter(name: str) -> bool:
+    """Whether a parameter name (e.g. `model.layers.2.self_attn.kq_conv.weight`) is an MTA parameter."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[-3] == "self_attn" and parts[-2] in MTA_MODULE_NAMES
+
+
+class MTAKeyQueryConv(nn.Module):
+    """One kernel of shape (c_q, c_k) per head, in conv2d layout (H, 1, c_q, c_k)."""
+
+    def __init__(self, num_heads: int, size: list[int], key_padding: str):
+        super().__init__()
+        self.key_padding = key_padding
+        self.weight = nn.Parameter(torch.empty(num_heads, 1, *size))
+
+    def identity(self) -> torch.Tensor:
+        """The kernel that leaves the score map unchanged: a single 1 at (c_q - 1, aligned key)."""
+        kernel = torch.zeros_like(self.weight)
+        c_q, c_k = kernel.shape[-2:]
+        kernel[:, :, c_q - 1, key_padding_left(self.key_padding, c_k)] = 1.0
+        return kernel
+
+    def extra_repr(self) -> str:
+        heads, _, c_q, c_k = self.weight.shape
+        return f"heads={heads}, size=({c_q}, {c_k}), key_padding={self.key_padding!r}"
+
+
+class MTAHeadMix(nn.Module):
+    """Mixing weights (H / c_h, c_h, c_h) for groups of c_h consecutive heads."""
+
+    def __init__(self, num_heads: int, group_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads // group_size, group_size, group_size))
+
+    def identity(self) -> torch.Tensor:
+        groups, size, _ = self.weight.shape
+        return torch.eye(size, dtype=self.weight.dtype, device=self.weight.device).expand(groups, size, size)
+
+
+class MTAGroupNorm(nn.Module):
+    """RMSNorm over head_dim with one weight shared by all heads, optionally depth-scaled."""
+
+    def __init__(self, head_dim: int, layer_idx: int, depth_scaling: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.scale = depth_scale(layer_idx) if depth_scaling else 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, scale={self.scale:.4f}"
+
+
+class MTAAttention(nn.Module):
+    """Llama attention with the MTA operations this layer's config asks for."""
+
+    def __init__(self, config: MTAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.attention_dropout = config.attention_dropout
+
+        hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=config.attention_bias)
+
+        pre_size, post_size = config.kq_conv_sizes_at(layer_idx)
+        self.kq_conv = MTAKeyQueryConv(heads, pre_size, config.key_padding) if pre_size else None
+        self.kq_conv_post = MTAKeyQueryConv(heads, post_size, config.key_padding) if post_size else None
+        self.head_mix = MTAHeadMix(heads, config.head_mix_size) if config.head_mix_size else None
+        self.head_mix_post = MTAHeadMix(heads, config.head_mix_post_size) if config.head_mix_post_size else None
+        self.group_norm = (
+            MTAGroupNorm(self.head_dim, layer_idx, config.group_norm_depth_scaling) if config.group_norm else None
+        )
+        if config.attn_gate is not None:
+            self.gate = nn.Linear(self.head_dim, 1 if config.attn_gate == "scalar" else self.head_dim, bias=True)
+        else:
+            self.gate = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        visible: torch.Tensor,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq_len, _ = hidden_states.shape
+        split_heads = (batch, seq_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(split_heads).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(split_heads).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(split_heads).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        output, probs = mta_attention(
+            query,
+            key,
+            value,
+            visible,
+            kq_conv_weight=self.kq_conv.weight if self.kq_conv is not None else None,
+            kq_conv_post_weight=self.kq_conv_post.weight if self.kq_conv_post is not None else None,
+            head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
+            head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
+            key_padding=self.config.key_padding,
+            dropout=self.attention_dropout,
+            training=self.training,
+        )
+        output = output.transpose(1, 2)  # (B, N, H, d): group norm and gate act per head and token
+        if self.group_norm is not None:
+            output = self.group_norm(output)
+        if self.gate is not None:
+            output = output * torch.sigmoid(self.gate(output))
+        output = self.o_proj(output.reshape(batch, seq_len, -1))
+        return output, probs
+
+
+class MTADecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MTAConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MTAAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        visible: torch.Tensor,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, visible, cache=cache, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class MTAPreTrainedModel(PreTrainedModel):
+    config_class = MTAConfig
+    config: MTAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MTADecoderLayer"]
+    _can_record_outputs = {"hidden_states": MTADecoderLayer, "attentions": MTAAttention}
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        # `mta_init="identity"` (the only choice): new MTA parameters start as a no-op.
+        if isinstance(module, (MTAKeyQueryConv, MTAHeadMix)):
+            init.copy_(module.weight, module.identity())
+        elif isinstance(module, MTAGroupNorm):
+            init.ones_(module.weight)
+
+
+def visibility_mask(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    query_len: int,
+    past_len: int,
+    key_len: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Which keys each query may see: boolean (B, 1, query_len, key_len).
+
+    Query i sits at cache position past_len + i. A 2-D `attention_mask` (B, key_len) marks padding
+    with 0: a padding token is invisible as a key and sees nothing as a query (spec section 2).
+    A 4-D mask (what compiled static caches pass) is taken as given: bool True, or float 0, = visible.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    query_pos = torch.arange(past_len, past_len + query_len, device=device)
+    key_pos = torch.arange(key_len, device=device)
+    visible = (key_pos[None, :] <= query_pos[:, None])[None, None]
+    if attention_mask is None:
+        return visible.expand(batch, 1, query_len, key_len)
+    if attention_mask.shape != (batch, key_len):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new tokens) = "
+            f"({batch}, {key_len})"
+        )
+    valid = attention_mask.bool()
+    return visible & valid[:, None, None, :] & valid[:, None, past_len:, None]
+
+
+class MTAModel(MTAPreTrainedModel):
+    def __init__(self, config: MTAConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MTADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        batch, query_len = inputs_embeds.shape[:2]
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)[None]
+        elif attention_mask is None and past_len == 0 and bool((position_ids[:, 1:] == 0).any()):
+            raise NotImplementedError(
+                "position_ids restart at 0 inside a row (packed sequences): the reference MTA attention "
+                "does not separate documents yet; pad the sequences and pass an attention_mask instead"
+            )
+        if past_len and self.config.mta_layers and self.needs_query_history():
+            raise NotImplementedError(
+                "Cached decoding of MTA layers whose key-query convolution looks back over queries (c_q > 1) "
+                "needs the earlier queries, which the cache does not keep yet: call generate(use_cache=False)"
+            )
+        visible = visibility_mask(attention_mask, batch, query_len, past_len, past_len + query_len, inputs_embeds.device)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, visible, cache=cache, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
+
+    def needs_query_history(self) -> bool:
+        return any(size and size[0] > 1 for size in (self.config.kq_conv_size, self.config.kq_conv_post_size))
+
+
+class MTAForCausalLM(MTAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MTAConfig):
+        super().__init__(config)
+        self.model = MTAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache=cache if cache is not None else past_key_values,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+
+__all__ = ["MTAForCausalLM", "MTAModel", "MTAPreTrainedModel"]

@@ -1,0 +1,1 @@
+"""The `mta` command line: `mta demo` (more subcommands come with the conversion tools)."""

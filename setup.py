@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mta",
+    version="0.1.0",
+    description="Multi-Token Attention (arXiv 2504.00927) for Hugging Face Transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_mta", "configuration_mta", "conversion", "mta"]),
+    install_requires=[
+        "torch>=2.11",
+        "transformers>=5.17,<6",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "peft>=0.17",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["mta=mta.cli:main"]},
+)

@@ -1,0 +1,239 @@
+"""MTAForCausalLM: identity equals Llama, causality, padding, gradients, dtypes, attention maps."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_mta import MTAForCausalLM
+from modeling_mta.modeling_mta import MTA_MODULE_NAMES, is_mta_parameter
+from modeling_mta.mta_reference import mta_attention
+
+from .tiny import OP_COMBOS, TINY, combo_id, mta_config, random_mta_model, randomize_mta
+
+ALL_IDENTITY_OPS = dict(kq_conv_size=[3, 5], kq_conv_post_size=[2, 3], head_mix_size=2, head_mix_post_size=4,
+                        group_norm=False, attn_gate=None)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("key_padding", ["both", "left", "right"])
+def test_identity_mta_gives_the_llama_logits(kv_heads, tied, key_padding):
+    fields = {**TINY, "num_key_value_heads": kv_heads, "tie_word_embeddings": tied}
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    mta = MTAForCausalLM(mta_config(**fields, **ALL_IDENTITY_OPS, key_padding=key_padding)).eval()
+    missing, unexpected = mta.load_state_dict(llama.state_dict(), strict=False)
+    assert not unexpected and missing and all(is_mta_parameter(name) for name in missing)
+    if tied:
+        assert mta.lm_head.weight.data_ptr() == mta.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            expected = llama(ids, **kwargs).logits
+            got = mta(ids, **kwargs).logits
+            rows = slice(None) if not kwargs else (slice(None), slice(5, None))  # Llama's padding rows are not defined
+            assert (expected[rows] - got[rows]).abs().max() <= 1e-5
+
+
+def test_random_mta_parameters_change_the_logits():
+    ids = torch.randint(0, TINY["vocab_size"], (1, 16))
+    model = MTAForCausalLM(mta_config(**ALL_IDENTITY_OPS)).eval()
+    with torch.no_grad():
+        before = model(ids).logits
+        randomize_mta(model)
+        after = model(ids).logits
+    assert (before - after).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("combo", OP_COMBOS, ids=combo_id)
+def test_changing_a_token_never_changes_earlier_logits(combo):
+    model = random_mta_model(**combo)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 14))
+    with torch.no_grad():
+        base = model(ids).logits
+        for t in (3, 8, 13):
+            changed = ids.clone()
+            changed[0, t] = (changed[0, t] + 1) % TINY["vocab_size"]
+            logits = model(changed).logits
+            torch.testing.assert_close(logits[:, :t], base[:, :t], atol=1e-6, rtol=0)
+            assert (logits[:, t] - base[:, t]).abs().max() > 1e-4
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("combo", OP_COMBOS[::3] + OP_COMBOS[-1:], ids=combo_id)
+def test_padded_rows_give_the_logits_of_the_sequence_alone(combo):
+    model = random_mta_model(**combo)
+    short = torch.randint(1, TINY["vocab_size"], (1, 9))
+    long = torch.randint(1, TINY["vocab_size"], (1, 13))
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    ids = torch.cat([torch.cat([pad, short], 1), long, torch.cat([short, pad], 1)])  # left, none, right padding
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, 9:] = 0
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        alone_short = model(short).logits[0]
+        alone_long = model(long).logits[0]
+    torch.testing.assert_close(batch[0, 4:], alone_short, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1], alone_long, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[2, :9], alone_short, atol=1e-5, rtol=0)
+    assert torch.isfinite(batch).all()
+
+
+def test_reference_core_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    q = torch.randn(1, 4, 6, 3, **f64)
+    k = torch.randn(1, 2, 6, 3, **f64)
+    v = torch.randn(1, 2, 6, 3, **f64)
+    visible = torch.ones(6, 6).tril().bool()
+    visible[:, 0] = False  # token 0 is padding
+    visible[0, :] = False
+    weights = [
+        torch.randn(4, 1, 3, 3, **f64),  # pre-softmax kq conv
+        torch.randn(4, 1, 2, 3, **f64),  # post-softmax kq conv
+        torch.randn(2, 2, 2, **f64),  # pre-softmax head mix
+        torch.randn(1, 4, 4, **f64),  # post-softmax full head mix
+    ]
+    inputs = [t.requires_grad_() for t in (q, k, v, *weights)]
+
+    for padding in ("both", "left", "right"):
+        def core(q, k, v, pre, post, mix, mix_post):
+            out, _ = mta_attention(q, k, v, visible, pre, post, mix, mix_post, key_padding=padding)
+            return out
+
+        assert torch.autograd.gradcheck(core, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_attention_layer_gradients_match_finite_differences():
+    # The whole attention layer in float64 (the decoder's Llama RMSNorm computes in float32, so the
+    # layer is checked on its own): every MTA parameter, the projections and the input.
+    combo = dict(kq_conv_size=[2, 3], kq_conv_post_size=[2, 3], head_mix_size=2, head_mix_post_size=2,
+                 group_norm=True, attn_gate="vector")
+    model = random_mta_model(dtype=torch.float64, **combo)
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 5, TINY["hidden_size"], dtype=torch.float64, requires_grad=True)
+    rope = model.model.rotary_emb(hidden, position_ids=torch.arange(5)[None])
+    visible = torch.ones(1, 1, 5, 5).tril().bool()
+    params = dict(attn.named_parameters())
+    names = [n for n in params if n.split(".")[0] in MTA_MODULE_NAMES or n.startswith(("q_proj", "k_proj"))]
+    assert {n.split(".")[0] for n in names} == set(MTA_MODULE_NAMES) | {"q_proj", "k_proj"}
+
+    def layer(hidden, *values):
+        out, _ = torch.func.functional_call(attn, {**params, **dict(zip(names, values))}, (hidden, rope, visible))
+        return out
+
+    values = [params[n].detach().clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(layer, [hidden, *values], eps=1e-6, atol=1e-5)
+
+
+def test_output_attentions_returns_each_layers_final_map():
+    model = random_mta_model(kq_conv_post_size=None, head_mix_post_size=None)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    assert len(out.attentions) == TINY["num_hidden_layers"]
+    for probs in out.attentions:
+        assert probs.shape == (2, 4, 7, 7)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 7))
+        assert (probs.triu(1) == 0).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing: bool):
+        model = random_mta_model(kq_conv_post_size=[2, 3], attn_gate="scalar").train()
+        if checkpointing:
+            # transformers 5.2x renamed the method; 5.17 has only the old name.
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        calls = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+        ids = torch.randint(0, TINY["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(5))
+        model(ids, labels=ids).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing recomputes the layer in backward
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_follows_float32(dtype):
+    combo = dict(kq_conv_post_size=[2, 3], head_mix_size=2, attn_gate="vector")
+    reference = random_mta_model(**combo)
+    model = random_mta_model(dtype=dtype, **combo)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids).logits
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    error = (got.float() - expected).norm() / expected.norm()
+    assert error < 3e-2
+
+
+def test_explicit_position_ids_are_used():
+    model = random_mta_model()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8))
+    with torch.no_grad():
+        default = model(ids).logits
+        same = model(ids, position_ids=torch.arange(8)[None]).logits
+        other = model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 10, 11, 12, 13]])).logits
+    torch.testing.assert_close(same, default, atol=0, rtol=0)
+    torch.testing.assert_close(other[:, :4], default[:, :4])
+    assert (other[:, 4:] - default[:, 4:]).abs().max() > 1e-4
+
+
+def test_scalar_and_vector_gates_scale_by_sigmoid_of_their_bias_when_weights_are_zero():
+    ids = torch.randint(0, TINY["vocab_size"], (1, 6))
+    base = random_mta_model(mta_layers=[], group_norm=False, attn_gate=None)
+    attn = base.model.layers[0].self_attn
+    for gate in ("scalar", "vector"):
+        gated = random_mta_model(mta_layers=[], group_norm=False, attn_gate=gate)
+        gated.load_state_dict(base.state_dict(), strict=False)
+        module = gated.model.layers[0].self_attn.gate
+        with torch.no_grad():
+            module.weight.zero_()
+            module.bias.copy_(torch.linspace(-1.0, 2.0, module.bias.numel()))
+            # Expected: the ungated layer with o_proj's input channels scaled by sigmoid(bias), per head.
+            scale = torch.sigmoid(module.bias).expand(TINY["num_attention_heads"], attn.head_dim).reshape(-1)
+            captured = {}
+            gated.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: captured.update(gated=i[0]))
+            hook = attn.o_proj.register_forward_hook(lambda m, i, o: captured.update(plain=i[0]))
+            base(ids)
+            gated(ids)
+            hook.remove()
+        torch.testing.assert_close(captured["gated"], captured["plain"] * scale)
+
+
+def test_cached_decoding_matches_recomputation_when_no_query_history_is_needed():
+    model = random_mta_model(kq_conv_size=[1, 5], kq_conv_post_size=[1, 3], head_mix_size=2)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 6))
+    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    recomputed = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_cached_decoding_with_query_history_is_refused_not_wrong():
+    model = random_mta_model(kq_conv_size=[3, 3])
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 6))
+    with pytest.raises(NotImplementedError, match="use_cache=False"):
+        model.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=True)
+    assert model.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=False).shape == (1, 8)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = random_mta_model()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 5))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(NotImplementedError, match="packed"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1]] * 2))
