@@ -58,6 +58,9 @@ class MTAKeyQueryConv(nn.Module):
         kernel[:, :, c_q - 1, key_padding_left(self.key_padding, c_k)] = 1.0
         return kernel
 
+    def init_weights(self, std: float):
+        init.copy_(self.weight, self.identity())
+
     def extra_repr(self) -> str:
         heads, _, c_q, c_k = self.weight.shape
         return f"heads={heads}, size=({c_q}, {c_k}), key_padding={self.key_padding!r}"
@@ -74,6 +77,9 @@ class MTAHeadMix(nn.Module):
         groups, size, _ = self.weight.shape
         return torch.eye(size, dtype=self.weight.dtype, device=self.weight.device).expand(groups, size, size)
 
+    def init_weights(self, std: float):
+        init.copy_(self.weight, self.identity())
+
 
 class MTAGroupNorm(nn.Module):
     """RMSNorm over head_dim with one weight shared by all heads, optionally depth-scaled."""
@@ -86,8 +92,45 @@ class MTAGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm(x, self.weight, self.scale)
 
+    def init_weights(self, std: float):
+        init.ones_(self.weight)
+
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, scale={self.scale:.4f}"
+
+
+class MTAGate(nn.Linear):
+    """Sigmoid output gate: head_dim -> 1 (scalar) or head_dim (vector) gate values, with bias."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(super().forward(x))
+
+    def init_weights(self, std: float):
+        init.normal_(self.weight, mean=0.0, std=std)
+        init.zeros_(self.bias)
+
+
+MTA_MODULE_TYPES = (MTAKeyQueryConv, MTAHeadMix, MTAGroupNorm, MTAGate)
+
+
+def mta_modules(config: MTAConfig, layer_idx: int) -> dict[str, nn.Module]:
+    """The MTA submodules of one attention layer, keyed by attribute name; operations not configured are absent."""
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    pre_size, post_size = config.kq_conv_sizes_at(layer_idx)
+    modules = {}
+    if pre_size:
+        modules["kq_conv"] = MTAKeyQueryConv(heads, pre_size, config.key_padding)
+    if post_size:
+        modules["kq_conv_post"] = MTAKeyQueryConv(heads, post_size, config.key_padding)
+    if config.head_mix_size:
+        modules["head_mix"] = MTAHeadMix(heads, config.head_mix_size)
+    if config.head_mix_post_size:
+        modules["head_mix_post"] = MTAHeadMix(heads, config.head_mix_post_size)
+    if config.group_norm:
+        modules["group_norm"] = MTAGroupNorm(head_dim, layer_idx, config.group_norm_depth_scaling)
+    if config.attn_gate is not None:
+        modules["gate"] = MTAGate(head_dim, 1 if config.attn_gate == "scalar" else head_dim, bias=True)
+    return modules
 
 
 class MTAAttention(nn.Module):
@@ -107,18 +150,9 @@ class MTAAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=config.attention_bias)
 
-        pre_size, post_size = config.kq_conv_sizes_at(layer_idx)
-        self.kq_conv = MTAKeyQueryConv(heads, pre_size, config.key_padding) if pre_size else None
-        self.kq_conv_post = MTAKeyQueryConv(heads, post_size, config.key_padding) if post_size else None
-        self.head_mix = MTAHeadMix(heads, config.head_mix_size) if config.head_mix_size else None
-        self.head_mix_post = MTAHeadMix(heads, config.head_mix_post_size) if config.head_mix_post_size else None
-        self.group_norm = (
-            MTAGroupNorm(self.head_dim, layer_idx, config.group_norm_depth_scaling) if config.group_norm else None
-        )
-        if config.attn_gate is not None:
-            self.gate = nn.Linear(self.head_dim, 1 if config.attn_gate == "scalar" else self.head_dim, bias=True)
-        else:
-            self.gate = None
+        modules = mta_modules(config, layer_idx)
+        for name in MTA_MODULE_NAMES:
+            setattr(self, name, modules.get(name))
 
     def forward(
         self,
@@ -155,7 +189,7 @@ class MTAAttention(nn.Module):
         if self.group_norm is not None:
             output = self.group_norm(output)
         if self.gate is not None:
-            output = output * torch.sigmoid(self.gate(output))
+            output = self.gate(output)
         output = self.o_proj(output.reshape(batch, seq_len, -1))
         return output, probs
 
@@ -196,11 +230,9 @@ class MTAPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
-        # `mta_init="identity"` (the only choice): new MTA parameters start as a no-op.
-        if isinstance(module, (MTAKeyQueryConv, MTAHeadMix)):
-            init.copy_(module.weight, module.identity())
-        elif isinstance(module, MTAGroupNorm):
-            init.ones_(module.weight)
+        # `mta_init="identity"` (the only choice): kernels and mixing start as a no-op.
+        if isinstance(module, MTA_MODULE_TYPES):
+            module.init_weights(self.config.initializer_range)
 
 
 def visibility_mask(
