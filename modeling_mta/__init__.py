@@ -8,7 +8,7 @@ needs to load with `trust_remote_code=True` where this package is not installed.
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_mta import MTAConfig
-from .modeling_mta import MTAForCausalLM, MTAModel, MTAPreTrainedModel
+from .modeling_mta import MTACache, MTAForCausalLM, MTAModel, MTAPreTrainedModel
 
 AutoConfig.register(MTAConfig.model_type, MTAConfig, exist_ok=True)
 AutoModel.register(MTAConfig, MTAModel, exist_ok=True)
@@ -17,4 +17,4 @@ MTAConfig.register_for_auto_class()
 MTAModel.register_for_auto_class("AutoModel")
 MTAForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MTAConfig", "MTAForCausalLM", "MTAModel", "MTAPreTrainedModel"]
+__all__ = ["MTACache", "MTAConfig", "MTAForCausalLM", "MTAModel", "MTAPreTrainedModel"]

@@ -127,5 +127,15 @@ class MTAConfig(LlamaConfig):
             return None, None
         return self.kq_conv_size, self.kq_conv_post_size
 
+    def query_history_length(self) -> int:
+        """How many earlier queries the attention row of a new query depends on (MTA layers only).
+
+        The post-softmax convolution reads c_q' - 1 earlier probability rows, and each of those
+        reads c_q - 1 earlier score rows through the pre-softmax convolution.
+        """
+        if not self.mta_layers:
+            return 0
+        return sum(size[0] - 1 for size in (self.kq_conv_size, self.kq_conv_post_size) if size)
+
 
 __all__ = ["MTAConfig"]

@@ -43,6 +43,26 @@ def is_mta_parameter(name: str) -> bool:
     return len(parts) >= 3 and parts[-3] == "self_attn" and parts[-2] in MTA_MODULE_NAMES
 
 
+class MTACache(DynamicCache):
+    """A DynamicCache that also keeps the (rotated) queries of the MTA layers that convolve over queries.
+
+    A new query's attention row depends on up to `config.query_history_length()` earlier queries
+    (MTA_SPEC section 2), which a key/value cache does not hold. They are stored as extra cache
+    layers after the model's own, one per such layer in order, so that beam-search reordering,
+    cropping and batch selection treat them exactly like the keys.
+    """
+
+    def __init__(self, config: MTAConfig):
+        super().__init__()
+        query_layers = sorted(config.mta_layers) if config.query_history_length() else []
+        self.query_slot = {layer: config.num_hidden_layers + i for i, layer in enumerate(query_layers)}
+
+    def update_queries(self, queries: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Append this call's queries (B, H, n, d); return every query of the layer so far."""
+        all_queries, _ = self.update(queries, queries[..., :0], self.query_slot[layer_idx])
+        return all_queries
+
+
 class MTAKeyQueryConv(nn.Module):
     """One kernel of shape (c_q, c_k) per head, in conv2d layout (H, 1, c_q, c_k)."""
 
@@ -169,8 +189,19 @@ class MTAAttention(nn.Module):
         value = self.v_proj(hidden_states).view(split_heads).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        # `visible` has a row for each of the `history` earlier queries before this call's ones.
+        history = visible.shape[-2] - seq_len
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        if self.convolves_queries():
+            if history:
+                all_queries = cache.update_queries(query, self.layer_idx)
+                query = all_queries[:, :, -(history + seq_len) :]
+            elif isinstance(cache, MTACache):
+                cache.update_queries(query, self.layer_idx)
+        else:
+            visible = visible[..., history:, :]
+            history = 0
 
         output, probs = mta_attention(
             query,
@@ -185,6 +216,7 @@ class MTAAttention(nn.Module):
             dropout=self.attention_dropout,
             training=self.training,
         )
+        output, probs = output[:, :, history:], probs[:, :, history:]
         output = output.transpose(1, 2)  # (B, N, H, d): group norm and gate act per head and token
         if self.group_norm is not None:
             output = self.group_norm(output)
@@ -192,6 +224,10 @@ class MTAAttention(nn.Module):
             output = self.gate(output)
         output = self.o_proj(output.reshape(batch, seq_len, -1))
         return output, probs
+
+    def convolves_queries(self) -> bool:
+        """Whether this layer's attention rows depend on earlier queries (a kq conv with c_q > 1)."""
+        return any(conv is not None and conv.weight.shape[-2] > 1 for conv in (self.kq_conv, self.kq_conv_post))
 
 
 class MTADecoderLayer(GradientCheckpointingLayer):
@@ -240,29 +276,34 @@ def visibility_mask(
     batch: int,
     query_len: int,
     past_len: int,
-    key_len: int,
+    history: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Which keys each query may see: boolean (B, 1, query_len, key_len).
+    """Which keys each query may see: boolean (B, 1, history + query_len, past_len + query_len).
 
-    Query i sits at cache position past_len + i. A 2-D `attention_mask` (B, key_len) marks padding
-    with 0: a padding token is invisible as a key and sees nothing as a query (spec section 2).
-    A 4-D mask (what compiled static caches pass) is taken as given: bool True, or float 0, = visible.
+    Row r is the query at position past_len - history + r: this call's queries, preceded by the
+    `history` cached queries that MTA's query-axis convolution reads. A 2-D `attention_mask`
+    (B, past_len + query_len) marks padding with 0: a padding token is invisible as a key and sees
+    nothing as a query (spec section 2). A 4-D mask (what compiled static caches pass) is taken as
+    given: bool True, or float 0, = visible.
     """
+    key_len = past_len + query_len
     if attention_mask is not None and attention_mask.dim() == 4:
+        if history:
+            raise ValueError("4-D attention masks cannot describe the cached queries that MTA layers convolve over")
         return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    query_pos = torch.arange(past_len, past_len + query_len, device=device)
+    query_pos = torch.arange(past_len - history, key_len, device=device)
     key_pos = torch.arange(key_len, device=device)
     visible = (key_pos[None, :] <= query_pos[:, None])[None, None]
     if attention_mask is None:
-        return visible.expand(batch, 1, query_len, key_len)
+        return visible.expand(batch, 1, history + query_len, key_len)
     if attention_mask.shape != (batch, key_len):
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new tokens) = "
             f"({batch}, {key_len})"
         )
     valid = attention_mask.bool()
-    return visible & valid[:, None, None, :] & valid[:, None, past_len:, None]
+    return visible & valid[:, None, None, :] & valid[:, None, past_len - history :, None]
 
 
 class MTAModel(MTAPreTrainedModel):
@@ -296,7 +337,7 @@ class MTAModel(MTAPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = MTACache(self.config)
 
         batch, query_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -307,12 +348,13 @@ class MTAModel(MTAPreTrainedModel):
                 "position_ids restart at 0 inside a row (packed sequences): the reference MTA attention "
                 "does not separate documents yet; pad the sequences and pass an attention_mask instead"
             )
-        if past_len and self.config.mta_layers and self.needs_query_history():
-            raise NotImplementedError(
-                "Cached decoding of MTA layers whose key-query convolution looks back over queries (c_q > 1) "
-                "needs the earlier queries, which the cache does not keep yet: call generate(use_cache=False)"
+        history = min(past_len, self.config.query_history_length())
+        if cache is not None and self.config.query_history_length() and not isinstance(cache, MTACache):
+            raise TypeError(
+                f"{type(cache).__name__} keeps keys and values only, but this model's MTA layers convolve over "
+                "earlier queries: pass an MTACache (from modeling_mta import MTACache), or let the model make one"
             )
-        visible = visibility_mask(attention_mask, batch, query_len, past_len, past_len + query_len, inputs_embeds.device)
+        visible = visibility_mask(attention_mask, batch, query_len, past_len, history, inputs_embeds.device)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -320,9 +362,6 @@ class MTAModel(MTAPreTrainedModel):
             hidden_states = layer(hidden_states, position_embeddings, visible, cache=cache, **kwargs)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
-
-    def needs_query_history(self) -> bool:
-        return any(size and size[0] > 1 for size in (self.config.kq_conv_size, self.config.kq_conv_post_size))
 
 
 class MTAForCausalLM(MTAPreTrainedModel, GenerationMixin):
@@ -334,6 +373,11 @@ class MTAForCausalLM(MTAPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() would make a plain DynamicCache; MTAModel makes an MTACache itself instead.
+        return False
 
     @can_return_tuple
     def forward(
@@ -373,4 +417,4 @@ class MTAForCausalLM(MTAPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["MTAForCausalLM", "MTAModel", "MTAPreTrainedModel"]
+__all__ = ["MTACache", "MTAForCausalLM", "MTAModel", "MTAPreTrainedModel"]

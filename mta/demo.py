@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"layer {config.mta_layers[0]} kq kernel moved from identity by up to {moved:.3f}")
 
     prompt = "Multi-Token Attention"
-    out = model.generate(encode(prompt), max_new_tokens=args.new_tokens, do_sample=False, use_cache=False)
+    out = model.generate(encode(prompt), max_new_tokens=args.new_tokens, do_sample=False)
     print(f"greedy generation: {decode(out[0])!r}")
     if args.save:
         model.save_pretrained(args.save)

@@ -212,22 +212,6 @@ def test_scalar_and_vector_gates_scale_by_sigmoid_of_their_bias_when_weights_are
         torch.testing.assert_close(captured["gated"], captured["plain"] * scale)
 
 
-def test_cached_decoding_matches_recomputation_when_no_query_history_is_needed():
-    model = random_mta_model(kq_conv_size=[1, 5], kq_conv_post_size=[1, 3], head_mix_size=2)
-    prompt = torch.randint(0, TINY["vocab_size"], (2, 6))
-    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
-    recomputed = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
-    assert torch.equal(cached, recomputed)
-
-
-def test_cached_decoding_with_query_history_is_refused_not_wrong():
-    model = random_mta_model(kq_conv_size=[3, 3])
-    prompt = torch.randint(0, TINY["vocab_size"], (1, 6))
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
-        model.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=True)
-    assert model.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=False).shape == (1, 8)
-
-
 def test_bad_inputs_give_clear_errors():
     model = random_mta_model()
     ids = torch.randint(0, TINY["vocab_size"], (2, 5))
