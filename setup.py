@@ -18,6 +18,8 @@ setup(
         "peft>=0.17",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # Triton runs the fused kernels in its interpreter on CPU-only machines; its interpreter
+    # needs numpy < 2.4 (loop bounds are converted with int(), which numpy 2.4 refuses for 1-element arrays).
+    extras_require={"test": ["pytest>=8", "triton>=3.6", "numpy<2.4"]},
     entry_points={"console_scripts": ["mta=mta.cli:main"]},
 )

@@ -12,6 +12,7 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 KEY_PADDINGS = ("both", "left", "right")
 ATTN_GATES = (None, "scalar", "vector")
 MTA_INITS = ("identity",)
+MTA_KERNELS = ("auto", "fused", "reference")
 # Kernels wider than this are almost certainly a typo (the paper uses 6 x 11); they would also make
 # the score-map convolution far more expensive than the attention itself.
 MAX_KQ_CONV_SIZE = 64
@@ -48,6 +49,11 @@ class MTAConfig(LlamaConfig):
         Sigmoid output gate per head: one value per head and token, or one per channel.
     mta_init (`"identity"`):
         How new MTA parameters start: identity kernels and mixing, so the layer is plain attention.
+    mta_kernel (`"auto" | "fused" | "reference"`, defaults to `"auto"`):
+        Which implementation computes the attention (a runtime choice, not part of the model):
+        "auto" runs the fused Triton kernel on CUDA for every call it covers and the reference
+        elsewhere (with a one-time warning naming what the kernel lacks); "reference" always runs
+        the reference; "fused" always runs the kernel and raises where it cannot.
     """
 
     model_type = "mta"
@@ -65,6 +71,7 @@ class MTAConfig(LlamaConfig):
     group_norm_depth_scaling: bool = True
     attn_gate: str | None = None
     mta_init: str = "identity"
+    mta_kernel: str = "auto"
 
     def __post_init__(self, **kwargs):
         if self.mta_layers is None:
@@ -120,6 +127,8 @@ class MTAConfig(LlamaConfig):
             raise ValueError(f"attn_gate must be one of {ATTN_GATES}, got {self.attn_gate!r}")
         if self.mta_init not in MTA_INITS:
             raise ValueError(f"mta_init must be one of {MTA_INITS}, got {self.mta_init!r}")
+        if self.mta_kernel not in MTA_KERNELS:
+            raise ValueError(f"mta_kernel must be one of {MTA_KERNELS}, got {self.mta_kernel!r}")
 
     def kq_conv_sizes_at(self, layer_idx: int) -> tuple[list[int] | None, list[int] | None]:
         """The (pre, post) key-query kernel sizes of one layer: None outside `mta_layers`."""

@@ -23,11 +23,19 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mta import MTAConfig
 from .mta_reference import depth_scale, group_norm, key_padding_left, mta_attention
+
+try:
+    from .mta_triton import fused_coverage_gap, mta_attention_fused
+except ImportError:  # no Triton: the reference attention serves everywhere
+    mta_attention_fused = None
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.2x renamed the cache argument and output field `past_key_values` to `cache`;
 # speak the installed version's name so that neither version warns.
@@ -153,6 +161,81 @@ def mta_modules(config: MTAConfig, layer_idx: int) -> dict[str, nn.Module]:
     return modules
 
 
+class AttentionLayout:
+    """Which keys each query may see in one forward call, shared by all layers.
+
+    Row r is the query at position past_len - history + r: this call's queries, preceded by the
+    `history` cached queries that MTA's query-axis convolution reads. A 2-D `attention_mask`
+    (B, past_len + query_len) marks padding with 0: a padding token is invisible as a key and sees
+    nothing as a query (spec section 2). A 4-D mask (what compiled static caches pass) is taken as
+    given: bool True, or float 0, = visible.
+
+    The reference attention reads the boolean map (`visible`); the fused kernel reads one valid
+    token range per row (`valid_ranges`), which exists when padding is only on the left and/or right.
+    Both are built on first use, once per call.
+    """
+
+    def __init__(self, attention_mask, batch, query_len, past_len, history, device, output_attentions=False):
+        key_len = past_len + query_len
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (batch, key_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new tokens) = "
+                f"({batch}, {key_len})"
+            )
+        if attention_mask is not None and attention_mask.dim() == 4 and history:
+            raise ValueError("4-D attention masks cannot describe the cached queries that MTA layers convolve over")
+        self.attention_mask = attention_mask
+        self.batch, self.query_len, self.past_len, self.history = batch, query_len, past_len, history
+        self.device = device
+        self.output_attentions = output_attentions
+        self._visible = None
+        self._ranges = None
+
+    def visible(self) -> torch.Tensor:
+        """Boolean (B, 1, history + query_len, past_len + query_len)."""
+        if self._visible is None:
+            self._visible = self._build_visible()
+        return self._visible
+
+    def _build_visible(self) -> torch.Tensor:
+        mask = self.attention_mask
+        if mask is not None and mask.dim() == 4:
+            return mask if mask.dtype == torch.bool else mask == 0
+        key_len = self.past_len + self.query_len
+        query_pos = torch.arange(self.past_len - self.history, key_len, device=self.device)
+        key_pos = torch.arange(key_len, device=self.device)
+        visible = (key_pos[None, :] <= query_pos[:, None])[None, None]
+        if mask is None:
+            return visible.expand(self.batch, 1, self.history + self.query_len, key_len)
+        valid = mask.bool()
+        return visible & valid[:, None, None, :] & valid[:, None, self.past_len - self.history :, None]
+
+    def valid_ranges(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per row, the [start, end) of its real tokens, or None if the mask is not of that form."""
+        if self._ranges is None:
+            self._ranges = (self._build_ranges(),)
+        return self._ranges[0]
+
+    def _build_ranges(self):
+        if self.past_len or self.history:
+            return None
+        mask = self.attention_mask
+        if mask is None:
+            zeros = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
+            return zeros, zeros + self.query_len
+        if mask.dim() != 2:
+            return None
+        valid = mask.bool()
+        count = valid.sum(-1)
+        start = valid.int().argmax(-1)
+        start = torch.where(count > 0, start, 0)
+        positions = torch.arange(self.query_len, device=self.device)
+        ranged = (positions >= start[:, None]) & (positions < (start + count)[:, None])
+        if not bool((ranged == valid).all()):
+            return None
+        return start.int(), (start + count).int()
+
+
 class MTAAttention(nn.Module):
     """Llama attention with the MTA operations this layer's config asks for."""
 
@@ -178,10 +261,10 @@ class MTAAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        visible: torch.Tensor,
+        layout: AttentionLayout,
         cache: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len, _ = hidden_states.shape
         split_heads = (batch, seq_len, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(split_heads).transpose(1, 2)
@@ -189,34 +272,42 @@ class MTAAttention(nn.Module):
         value = self.v_proj(hidden_states).view(split_heads).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        # `visible` has a row for each of the `history` earlier queries before this call's ones.
-        history = visible.shape[-2] - seq_len
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if self.convolves_queries():
-            if history:
-                all_queries = cache.update_queries(query, self.layer_idx)
-                query = all_queries[:, :, -(history + seq_len) :]
-            elif isinstance(cache, MTACache):
-                cache.update_queries(query, self.layer_idx)
-        else:
-            visible = visible[..., history:, :]
-            history = 0
+        history = layout.history if self.convolves_queries() else 0
+        if self.convolves_queries() and isinstance(cache, MTACache):
+            all_queries = cache.update_queries(query, self.layer_idx)
+            query = all_queries[:, :, all_queries.shape[2] - (history + seq_len) :]
 
-        output, probs = mta_attention(
-            query,
-            key,
-            value,
-            visible,
-            kq_conv_weight=self.kq_conv.weight if self.kq_conv is not None else None,
-            kq_conv_post_weight=self.kq_conv_post.weight if self.kq_conv_post is not None else None,
-            head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
-            head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
-            key_padding=self.config.key_padding,
-            dropout=self.attention_dropout,
-            training=self.training,
-        )
-        output, probs = output[:, :, history:], probs[:, :, history:]
+        ranges = self.fused_ranges(query, layout)
+        if ranges is not None:
+            output = mta_attention_fused(
+                query,
+                key,
+                value,
+                kq_conv_weight=self.kq_conv.weight if self.kq_conv is not None else None,
+                head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
+                key_padding=self.config.key_padding,
+                valid_start=ranges[0],
+                valid_end=ranges[1],
+            )
+            probs = None
+        else:
+            visible = layout.visible()
+            output, probs = mta_attention(
+                query,
+                key,
+                value,
+                visible[..., visible.shape[-2] - (history + seq_len) :, :],
+                kq_conv_weight=self.kq_conv.weight if self.kq_conv is not None else None,
+                kq_conv_post_weight=self.kq_conv_post.weight if self.kq_conv_post is not None else None,
+                head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
+                head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
+                key_padding=self.config.key_padding,
+                dropout=self.attention_dropout,
+                training=self.training,
+            )
+            output, probs = output[:, :, history:], probs[:, :, history:]
         output = output.transpose(1, 2)  # (B, N, H, d): group norm and gate act per head and token
         if self.group_norm is not None:
             output = self.group_norm(output)
@@ -224,6 +315,43 @@ class MTAAttention(nn.Module):
             output = self.gate(output)
         output = self.o_proj(output.reshape(batch, seq_len, -1))
         return output, probs
+
+    def fused_ranges(self, query: torch.Tensor, layout: AttentionLayout):
+        """The valid token ranges to run the fused kernel with, or None to run the reference.
+
+        `config.mta_kernel`: "reference" never fuses; "auto" fuses CUDA tensors when the kernel covers
+        the call; "fused" also fuses CPU tensors (under TRITON_INTERPRET=1, for tests) and raises
+        where it cannot.
+        """
+        mode = self.config.mta_kernel
+        if mode == "reference" or (mode == "auto" and not query.is_cuda):
+            return None
+        ranges = layout.valid_ranges()
+        if mta_attention_fused is None:
+            gap = "this machine (Triton is not installed)"
+        elif layout.output_attentions:
+            gap = "output_attentions (it never forms the attention maps)"
+        elif layout.past_len:
+            gap = "decoding against a cache"
+        elif ranges is None:
+            gap = "attention masks other than left/right padding"
+        elif self.training and self.attention_dropout:
+            gap = "attention dropout"
+        else:
+            gap = fused_coverage_gap(
+                self.head_dim,
+                tuple(self.kq_conv.weight.shape[-2:]) if self.kq_conv is not None else None,
+                self.config.key_padding,
+                self.kq_conv_post is not None,
+                self.head_mix is not None,
+                self.head_mix_post.weight.shape[-1] if self.head_mix_post is not None else None,
+            )
+        if gap is None:
+            return ranges
+        if mode == "fused":
+            raise ValueError(f"mta_kernel='fused', but the fused MTA kernel does not cover {gap}")
+        logger.warning_once(f"The fused MTA kernel does not cover {gap}: using the reference attention there.")
+        return None
 
     def convolves_queries(self) -> bool:
         """Whether this layer's attention rows depend on earlier queries (a kq conv with c_q > 1)."""
@@ -242,13 +370,13 @@ class MTADecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        visible: torch.Tensor,
+        layout: AttentionLayout,
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, visible, cache=cache, **kwargs
+            self.input_layernorm(hidden_states), position_embeddings, layout, cache=cache, **kwargs
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
@@ -269,41 +397,6 @@ class MTAPreTrainedModel(PreTrainedModel):
         # `mta_init="identity"` (the only choice): kernels and mixing start as a no-op.
         if isinstance(module, MTA_MODULE_TYPES):
             module.init_weights(self.config.initializer_range)
-
-
-def visibility_mask(
-    attention_mask: torch.Tensor | None,
-    batch: int,
-    query_len: int,
-    past_len: int,
-    history: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Which keys each query may see: boolean (B, 1, history + query_len, past_len + query_len).
-
-    Row r is the query at position past_len - history + r: this call's queries, preceded by the
-    `history` cached queries that MTA's query-axis convolution reads. A 2-D `attention_mask`
-    (B, past_len + query_len) marks padding with 0: a padding token is invisible as a key and sees
-    nothing as a query (spec section 2). A 4-D mask (what compiled static caches pass) is taken as
-    given: bool True, or float 0, = visible.
-    """
-    key_len = past_len + query_len
-    if attention_mask is not None and attention_mask.dim() == 4:
-        if history:
-            raise ValueError("4-D attention masks cannot describe the cached queries that MTA layers convolve over")
-        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    query_pos = torch.arange(past_len - history, key_len, device=device)
-    key_pos = torch.arange(key_len, device=device)
-    visible = (key_pos[None, :] <= query_pos[:, None])[None, None]
-    if attention_mask is None:
-        return visible.expand(batch, 1, history + query_len, key_len)
-    if attention_mask.shape != (batch, key_len):
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new tokens) = "
-            f"({batch}, {key_len})"
-        )
-    valid = attention_mask.bool()
-    return visible & valid[:, None, None, :] & valid[:, None, past_len - history :, None]
 
 
 class MTAModel(MTAPreTrainedModel):
@@ -354,12 +447,15 @@ class MTAModel(MTAPreTrainedModel):
                 f"{type(cache).__name__} keeps keys and values only, but this model's MTA layers convolve over "
                 "earlier queries: pass an MTACache (from modeling_mta import MTACache), or let the model make one"
             )
-        visible = visibility_mask(attention_mask, batch, query_len, past_len, history, inputs_embeds.device)
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        layout = AttentionLayout(
+            attention_mask, batch, query_len, past_len, history, inputs_embeds.device, bool(output_attentions)
+        )
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, visible, cache=cache, **kwargs)
+            hidden_states = layer(hidden_states, position_embeddings, layout, cache=cache, **kwargs)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_mta import MTAForCausalLM
-from modeling_mta.modeling_mta import MTA_MODULE_NAMES, is_mta_parameter
+from modeling_mta.modeling_mta import MTA_MODULE_NAMES, AttentionLayout, is_mta_parameter
 from modeling_mta.mta_reference import mta_attention
 
 from .tiny import OP_COMBOS, TINY, combo_id, mta_config, random_mta_model, randomize_mta
@@ -119,13 +119,13 @@ def test_attention_layer_gradients_match_finite_differences():
     attn = model.model.layers[0].self_attn
     hidden = torch.randn(1, 5, TINY["hidden_size"], dtype=torch.float64, requires_grad=True)
     rope = model.model.rotary_emb(hidden, position_ids=torch.arange(5)[None])
-    visible = torch.ones(1, 1, 5, 5).tril().bool()
+    layout = AttentionLayout(None, 1, 5, 0, 0, hidden.device)
     params = dict(attn.named_parameters())
     names = [n for n in params if n.split(".")[0] in MTA_MODULE_NAMES or n.startswith(("q_proj", "k_proj"))]
     assert {n.split(".")[0] for n in names} == set(MTA_MODULE_NAMES) | {"q_proj", "k_proj"}
 
     def layer(hidden, *values):
-        out, _ = torch.func.functional_call(attn, {**params, **dict(zip(names, values))}, (hidden, rope, visible))
+        out, _ = torch.func.functional_call(attn, {**params, **dict(zip(names, values))}, (hidden, rope, layout))
         return out
 
     values = [params[n].detach().clone().requires_grad_() for n in names]

@@ -1,0 +1,616 @@
+"""Fused MTA attention in Triton: forward and backward in O(N) memory (no N x N tensor anywhere).
+
+The reference (`mta_reference.mta_attention`) is the definition; this computes the same function
+for causal attention with a pre-softmax key-query convolution and/or post-softmax head mixing.
+
+How the convolution avoids the score map (MTA_SPEC section 10). With q~ = q / sqrt(d) and q, k
+zeroed on padding tokens, the convolved score is bilinear in (q, k):
+
+    C[i, j] = sum_a q~[i - (c_q - 1) + a] . khat_a[j],   khat_a[j] = sum_b theta[a, b] k[j - p + b]
+
+wherever the kernel's window sees no causally masked entry, i.e. for j <= i - D with
+D = (c_q - 1) + (c_k - 1 - p). So a tile of scores is c_q matrix products of shifted query tiles
+with precomputed shifted-and-mixed keys. The stripe i - D < j <= i is computed exactly on the
+side: the band scores S[i', i' + delta] for the c_q + c_k - 2 offsets the stripe reads (an
+N x (c_q + c_k - 2) tensor), convolved with a sheared copy of theta into the stripe values
+(an N x D tensor). The kernels read those values in the diagonal tiles.
+
+Post-softmax head mixing couples the c_h heads of a group: O_e = sum_c W[c, e] P_c V_e. Each source
+head c runs ordinary flash attention against the group's values side by side (c_h * d wide),
+giving Z_c = P_c [V_e]_e; a small epilogue mixes the Z into O. The backward treats Z_c as the
+output of head c and follows flash attention's algebra, with the convolution's chain rule
+through khat (dK side) and the shifted query tiles (dQ side).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of torch; without it only the reference attention runs.
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("the fused MTA attention needs Triton (pip install triton)") from error
+
+from .mta_reference import key_padding_left
+
+# Tests set this to fill every output buffer with NaN before the kernels run, so that an element a
+# kernel fails to write cannot pass for a result.
+POISON_OUTPUTS = False
+
+MAX_QUERY_SIZE = 8
+MAX_KEY_SIZE = 15
+HEAD_MIX_SIZES = (1, 2, 4)
+
+
+def fused_coverage_gap(
+    head_dim: int,
+    kq_conv_size: tuple[int, int] | None,
+    key_padding: str,
+    has_kq_conv_post: bool,
+    has_head_mix_pre: bool,
+    head_mix_post_size: int | None,
+) -> str | None:
+    """None if the fused kernel computes this configuration, else the name of what it lacks."""
+    if has_kq_conv_post:
+        return "post-softmax key-query convolution"
+    if has_head_mix_pre:
+        return "pre-softmax head mixing"
+    if head_mix_post_size is not None and head_mix_post_size not in HEAD_MIX_SIZES:
+        return f"post-softmax head mixing in groups of {head_mix_post_size} (kernel: {HEAD_MIX_SIZES})"
+    if head_dim not in (16, 32, 64, 128):
+        return f"head_dim {head_dim} (kernel: 16, 32, 64, 128)"
+    if kq_conv_size is not None:
+        c_q, c_k = kq_conv_size
+        if c_q > MAX_QUERY_SIZE or c_k > MAX_KEY_SIZE:
+            return f"key-query kernel {c_q} x {c_k} (kernel: up to {MAX_QUERY_SIZE} x {MAX_KEY_SIZE})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Layout: q (B, H, N, d), k and v (B, H_kv, N, d), last dimension contiguous; query head
+# h reads key/value head h // GQA. Token t of row b is real iff start[b] <= t < end[b].
+# Offsets that can exceed 2**31 are built from int64 program ids.
+
+
+@triton.jit
+def _khat_kernel(
+    k_ptr, theta_ptr, khat_ptr, start_ptr, end_ptr,
+    stride_kb, stride_kh, stride_kn,
+    N, H, GQA,
+    C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+):
+    """khat[b, h, a, j] = sum_b' theta[h, a, b'] k[j - PAD + b'] (k zero outside the real tokens)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
+    for a in tl.static_range(C_Q):
+        acc = tl.zeros([BLOCK, D], dtype=tl.float32)
+        for t in tl.static_range(C_K):
+            src = rows - PAD + t
+            ok = (src >= start) & (src < end)
+            kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
+            acc += tl.load(theta_ptr + (h * C_Q + a) * C_K + t) * kt.to(tl.float32)
+        out = khat_ptr + ((bh * C_Q + a) * N + rows[:, None]) * D + cols[None, :]
+        tl.store(out, acc.to(khat_ptr.dtype.element_ty), mask=(rows < N)[:, None])
+
+
+@triton.jit
+def _band_scores_kernel(
+    q_ptr, k_ptr, band_ptr, start_ptr, end_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    N, H, GQA, scale,
+    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+):
+    """band[b, h, w, i] = q~[i] . k[i + w - (WB - 1)]: the scores on and just below the diagonal."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    row_ok = (rows >= start) & (rows < end)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + cols[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32) * scale
+    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
+    for w in tl.static_range(WB):
+        src = rows + w - (WB - 1)
+        ok = (src >= start) & (src < end)
+        kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
+        tl.store(band_ptr + (bh * WB + w) * N + rows, tl.sum(q * kt.to(tl.float32), axis=1), mask=rows < N)
+
+
+@triton.jit
+def _band_scores_bwd_kernel(
+    q_ptr, k_ptr, dband_ptr, dq_ptr, dk_ptr, start_ptr, end_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    N, H, H_KV, GQA, scale,
+    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+):
+    """Adds the band scores' gradients to dq (B, H, N, d) and dk (B, H_kv, N, d), both float32."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    kvh = h // GQA
+    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    row_ok = (rows >= start) & (rows < end)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    dq = tl.zeros([BLOCK, D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK, D], dtype=tl.float32)
+    for w in tl.static_range(WB):
+        delta = w - (WB - 1)
+        # dq~[i] += dband[w, i] k[i + delta]
+        src = rows + delta
+        ok = (src >= start) & (src < end)
+        kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
+        g = tl.load(dband_ptr + (bh * WB + w) * N + rows, mask=row_ok, other=0.0)
+        dq += g[:, None] * kt.to(tl.float32)
+        # dk[j] += dband[w, j - delta] q~[j - delta]
+        src = rows - delta
+        ok = (src >= start) & (src < end)
+        qt = tl.load(q_base + src[:, None] * stride_qn + cols[None, :], mask=ok[:, None], other=0.0)
+        g = tl.load(dband_ptr + (bh * WB + w) * N + src, mask=ok, other=0.0)
+        dk += g[:, None] * (qt.to(tl.float32) * scale)
+    out = (rows[:, None] * D + cols[None, :])
+    tl.atomic_add(dq_ptr + bh * N * D + out, dq * scale, mask=row_ok[:, None])
+    tl.atomic_add(dk_ptr + (b * H_KV + kvh) * N * D + out, dk, mask=row_ok[:, None])
+
+
+@triton.jit
+def _scores_tile(
+    q_base, k_base, khat_base, cband_base, rows, cols, start, end,
+    stride_qn, stride_kn, N, scale,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Scores of one (rows x cols) tile after the key-query convolution (before any mask)."""
+    d = tl.arange(0, D)
+    if HAS_CONV:
+        s = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+        for a in tl.static_range(C_Q):
+            src = rows - (C_Q - 1) + a
+            ok = (src >= start) & (src < end)
+            qa = tl.load(q_base + src[:, None] * stride_qn + d[None, :], mask=ok[:, None], other=0.0)
+            kh = tl.load(khat_base + (a * N + cols[:, None]) * D + d[None, :], mask=(cols < N)[:, None], other=0.0)
+            s += tl.dot(qa, tl.trans(kh), input_precision=DOT_PRECISION)
+        s = s * scale
+        if STRIPE > 0:
+            t = cols[None, :] - rows[:, None] + (STRIPE - 1)
+            in_stripe = (t >= 0) & (t < STRIPE) & (rows < N)[:, None]
+            exact = tl.load(cband_base + t * N + rows[:, None], mask=in_stripe, other=0.0)
+            s = tl.where(in_stripe, exact, s)
+    else:
+        row_ok = (rows >= start) & (rows < end)
+        qt = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
+        kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=(cols < N)[:, None], other=0.0)
+        s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * scale
+    return s
+
+
+@triton.jit
+def _visible(rows, cols, start, end):
+    row_ok = (rows >= start) & (rows < end)
+    return (cols[None, :] <= rows[:, None]) & (cols >= start)[None, :] & row_ok[:, None]
+
+
+@triton.jit
+def _stripe(rows, cols, STRIPE: tl.constexpr):
+    t = cols[None, :] - rows[:, None] + (STRIPE - 1)
+    return (t >= 0) & (t < STRIPE)
+
+
+@triton.jit
+def _group_values_ptrs(v_ptr, b, g, cols, stride_vb, stride_vh, stride_vn, GQA, C_H: tl.constexpr, D: tl.constexpr):
+    """Pointers to the values of the c_h heads of group g side by side: a (cols x C_H * d) tile."""
+    c = tl.arange(0, C_H * D)
+    kv_head = (g * C_H + c // D) // GQA
+    return v_ptr + b * stride_vb + kv_head[None, :] * stride_vh + cols[:, None] * stride_vn + (c % D)[None, :]
+
+
+@triton.jit
+def _mta_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, start_ptr, end_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    N, H, GQA, scale,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    rows = pid * BM + tl.arange(0, BM)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
+    khat_base = khat_ptr + bh * C_Q * N * D
+    cband_base = cband_ptr + bh * STRIPE * N
+
+    m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, C_H * D], dtype=tl.float32)
+    lo = (start // BN) * BN
+    hi = tl.minimum((pid + 1) * BM, end)
+    for n0 in range(lo, hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, start, end, stride_qn, stride_kn,
+                         N, scale, HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
+        s = tl.where(_visible(rows, cols, start, end), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)
+        values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
+                         mask=(cols < N)[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+        m = m_new
+    has_key = l > 0
+    z = acc / tl.where(has_key, l, 1.0)[:, None]
+    c = tl.arange(0, C_H * D)
+    tl.store(z_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], z.to(z_ptr.dtype.element_ty),
+             mask=(rows < N)[:, None])
+    tl.store(lse_ptr + bh * N + rows, tl.where(has_key, m + tl.log(tl.where(has_key, l, 1.0)), 0.0), mask=rows < N)
+
+
+@triton.jit
+def _probs_and_dscores(
+    q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols, start, end,
+    stride_qn, stride_kn, N, scale,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Recomputed probabilities P of a tile, and dC = P * (dZ V^T - delta), the scores' gradient."""
+    s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, start, end, stride_qn, stride_kn,
+                     N, scale, HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
+    p = tl.where(_visible(rows, cols, start, end), tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _mta_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, theta_ptr, dz_ptr, lse_ptr, delta_ptr,
+    dk_ptr, dv_ptr, dtheta_ptr, start_ptr, end_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    N, H, H_KV, GQA, scale,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
+    C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block of one source head: gradients of the group's values, and of k and theta."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    kvh = h // GQA
+    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    cols = pid * BN + tl.arange(0, BN)
+    d = tl.arange(0, D)
+    c = tl.arange(0, C_H * D)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    khat_base = khat_ptr + bh * C_Q * N * D
+    cband_base = cband_ptr + bh * STRIPE * N
+    v_ptrs = _group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D)
+    values = tl.load(v_ptrs, mask=(cols < N)[:, None], other=0.0)
+
+    dvalues = tl.zeros([BN, C_H * D], dtype=tl.float32)
+    dkhat = ()  # with the convolution: d C / d khat_a for each query shift a; without (C_Q = 1): d C / d k
+    for a in tl.static_range(C_Q):
+        dkhat = dkhat + (tl.zeros([BN, D], dtype=tl.float32),)
+    lo = tl.maximum((pid * BN) // BM * BM, (start // BM) * BM)
+    for m0 in range(lo, end, BM):
+        rows = m0 + tl.arange(0, BM)
+        row_ok = rows < N
+        dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + bh * N + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh * N + rows, mask=row_ok, other=0.0)
+        p, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
+                                   start, end, stride_qn, stride_kn, N, scale, HAS_CONV, C_Q, STRIPE, D,
+                                   DOT_PRECISION)
+        dvalues += tl.dot(tl.trans(p.to(dz.dtype)), dz, input_precision=DOT_PRECISION)
+        if HAS_CONV:
+            if STRIPE > 0:
+                ds = tl.where(_stripe(rows, cols, STRIPE), 0.0, ds)  # the stripe's gradient goes through the band
+            ds = ds.to(dz.dtype)
+            updated = ()
+            for a in tl.static_range(C_Q):
+                src = rows - (C_Q - 1) + a
+                ok = (src >= start) & (src < end)
+                qa = tl.load(q_base + src[:, None] * stride_qn + d[None, :], mask=ok[:, None], other=0.0)
+                updated = updated + (dkhat[a] + tl.dot(tl.trans(ds), qa, input_precision=DOT_PRECISION),)
+            dkhat = updated
+        else:
+            row_ok = (rows >= start) & (rows < end)
+            qt = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
+            dkhat = (dkhat[0] + tl.dot(tl.trans(ds.to(dz.dtype)), qt, input_precision=DOT_PRECISION),)
+
+    col_ok = (cols >= start) & (cols < end)
+    dv_ptrs = dv_ptr + (b * H_KV * N + cols[:, None]) * D + ((h // C_H * C_H + c // D) // GQA)[None, :] * N * D \
+        + (c % D)[None, :]
+    tl.atomic_add(dv_ptrs, dvalues, mask=col_ok[:, None])
+    dk_base = dk_ptr + (b * H_KV + kvh) * N * D
+    if HAS_CONV:
+        # khat_a[j] = sum_t theta[a, t] k[j - PAD + t]: send each khat gradient back through the kernel.
+        for t in tl.static_range(C_K):
+            dst = cols - PAD + t
+            ok = (dst >= start) & (dst < end) & col_ok
+            kt = tl.load(k_base + dst[:, None] * stride_kn + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            dk_t = tl.zeros([BN, D], dtype=tl.float32)
+            for a in tl.static_range(C_Q):
+                dk_t += tl.load(theta_ptr + (h * C_Q + a) * C_K + t) * dkhat[a]
+                dth = tl.sum(tl.sum(tl.where(col_ok[:, None], dkhat[a], 0.0) * kt, axis=1), axis=0)
+                tl.atomic_add(dtheta_ptr + (h * C_Q + a) * C_K + t, dth * scale)
+            tl.atomic_add(dk_base + dst[:, None] * D + d[None, :], dk_t * scale, mask=ok[:, None])
+    else:
+        tl.atomic_add(dk_base + cols[:, None] * D + d[None, :], dkhat[0] * scale, mask=col_ok[:, None])
+
+
+@triton.jit
+def _mta_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, delta_ptr, dq_ptr, dcband_ptr, start_ptr, end_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    N, H, GQA, scale,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query block of one source head: the gradient of q, and the stripe's share of dC."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    rows = pid * BM + tl.arange(0, BM)
+    row_in = rows < N
+    d = tl.arange(0, D)
+    c = tl.arange(0, C_H * D)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
+    khat_base = khat_ptr + bh * C_Q * N * D
+    cband_base = cband_ptr + bh * STRIPE * N
+    dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=row_in[:, None], other=0.0)
+    lse = tl.load(lse_ptr + bh * N + rows, mask=row_in, other=0.0)
+    delta = tl.load(delta_ptr + bh * N + rows, mask=row_in, other=0.0)
+
+    dq = ()  # one accumulator per query shift a (C_Q is 1 without the convolution)
+    for a in tl.static_range(C_Q):
+        dq = dq + (tl.zeros([BM, D], dtype=tl.float32),)
+    lo = (start // BN) * BN
+    hi = tl.minimum((pid + 1) * BM, end)
+    for n0 in range(lo, hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
+                         mask=(cols < N)[:, None], other=0.0)
+        p, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
+                                   start, end, stride_qn, stride_kn, N, scale, HAS_CONV, C_Q, STRIPE, D,
+                                   DOT_PRECISION)
+        if HAS_CONV:
+            if STRIPE > 0:
+                stripe = _stripe(rows, cols, STRIPE) & row_in[:, None]
+                t = cols[None, :] - rows[:, None] + (STRIPE - 1)
+                tl.store(dcband_ptr + bh * STRIPE * N + t * N + rows[:, None], ds, mask=stripe)
+                ds = tl.where(stripe, 0.0, ds)
+            ds = ds.to(dz.dtype)
+            updated = ()
+            for a in tl.static_range(C_Q):
+                kh = tl.load(khat_base + (a * N + cols[:, None]) * D + d[None, :], mask=(cols < N)[:, None],
+                             other=0.0)
+                updated = updated + (dq[a] + tl.dot(ds, kh, input_precision=DOT_PRECISION),)
+            dq = updated
+        else:
+            kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=(cols < N)[:, None], other=0.0)
+            dq = (dq[0] + tl.dot(ds.to(dz.dtype), kt, input_precision=DOT_PRECISION),)
+
+    dq_base = dq_ptr + bh * N * D
+    for a in tl.static_range(C_Q):
+        # Query shift a of row i is the query at i - (C_Q - 1) + a.
+        dst = rows - (C_Q - 1 - a)
+        ok = (dst >= start) & (dst < end)
+        tl.atomic_add(dq_base + dst[:, None] * D + d[None, :], dq[a] * scale, mask=ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Host side.
+
+
+def sheared_band_kernel(theta: torch.Tensor) -> torch.Tensor:
+    """theta (H, 1, c_q, c_k) laid out for the band convolution: K'[c_q - 1 - a + t, a] = theta[a, t]."""
+    c_q = theta.shape[-2]
+    columns = [F.pad(theta[:, :, a, :], (c_q - 1 - a, a)) for a in range(c_q)]
+    return torch.stack(columns, dim=-1)
+
+
+def stripe_scores(band: torch.Tensor, theta: torch.Tensor, stripe: int) -> torch.Tensor:
+    """Exact convolved scores C[i, i - stripe + 1 + t] for t < stripe, from the band scores: (B, H, stripe, N).
+
+    Row w of the band holds S[i', i' + w - (W - 1)], W = c_q + c_k - 2 (row W - 1 is the diagonal). The
+    window of stripe entry (t, i) at kernel tap (a, b) is S[i - (c_q - 1) + a, i - stripe + 1 + t - p + b],
+    i.e. band row t + b - a + c_q - 1: rows from W on lie above the diagonal and count as zero.
+    """
+    c_q = theta.shape[-2]
+    padded = F.pad(band, (c_q - 1, 0, 0, stripe))
+    return F.conv2d(padded, sheared_band_kernel(theta.float()), groups=band.shape[1])
+
+
+def _output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def _grid(n: int, block: int, batch_heads: int):
+    return (triton.cdiv(n, block), batch_heads)
+
+
+# (BM, BN, num_warps, num_stages) to use instead of `_blocks`' choice: benchmarks set it to compare tilings.
+BLOCKS_OVERRIDE = None
+
+
+def _blocks(head_dim: int, c_q: int, c_h: int) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages): tiles small enough for the c_q query-shift accumulators and
+    shallow enough pipelines for the c_q shifted tiles each step loads to fit in shared memory."""
+    if BLOCKS_OVERRIDE is not None:
+        return BLOCKS_OVERRIDE
+    if c_q > 1 or head_dim * c_h > 256:
+        return (32, 32, 8, 1) if head_dim > 64 else (32, 32, 4, 2)
+    return (64, 64, 4, 2) if head_dim <= 64 else (64, 32, 4, 2)
+
+
+class MTAFusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, theta, mix, key_padding, start, end):
+        batch, heads, n, head_dim = q.shape
+        kv_heads = k.shape[1]
+        has_conv = theta is not None
+        c_q, c_k = theta.shape[-2:] if has_conv else (1, 1)
+        pad = key_padding_left(key_padding, c_k) if has_conv else 0
+        stripe = (c_q - 1) + (c_k - 1 - pad) if has_conv else 0
+        c_h = mix.shape[-1] if mix is not None else 1
+        scale = 1.0 / math.sqrt(head_dim)
+        bm, bn, warps, stages = _blocks(head_dim, c_q, c_h)
+        dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        theta32 = theta.float().contiguous() if has_conv else q.new_zeros(1, dtype=torch.float32)
+
+        khat, cband = _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, start, end, scale)
+        z = _output((batch, heads, n, c_h * head_dim), q)
+        lse = _output((batch, heads, n), q, torch.float32)
+        _mta_fwd_kernel[_grid(n, bm, batch * heads)](
+            q, k, v, khat, cband, z, lse, start, end,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            n, heads, heads // kv_heads, scale,
+            HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
+            DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
+        )
+        ctx.save_for_backward(q, k, v, theta, mix, z, lse, start, end)
+        ctx.config = (has_conv, c_q, c_k, pad, stripe, c_h, scale, bm, bn, warps, stages, dot_precision)
+        return mix_heads(z, mix) if mix is not None else z
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, theta, mix, z, lse, start, end = ctx.saved_tensors
+        has_conv, c_q, c_k, pad, stripe, c_h, scale, bm, bn, warps, stages, dot_precision = ctx.config
+        batch, heads, n, head_dim = q.shape
+        kv_heads = k.shape[1]
+        dout = dout.contiguous()
+        if mix is not None:
+            dz, dmix = mix_heads_backward(z, mix, dout)
+        else:
+            dz, dmix = dout, None
+        delta = (dz.float() * z.float()).sum(-1)
+        dz = dz.to(q.dtype).contiguous()
+        theta32 = theta.float().contiguous() if has_conv else q.new_zeros(1, dtype=torch.float32)
+
+        khat, cband = _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, start, end, scale)
+        dq = torch.zeros(batch, heads, n, head_dim, device=q.device, dtype=torch.float32)
+        dk = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
+        dv = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
+        dtheta = torch.zeros_like(theta32)
+        dcband = torch.zeros_like(cband)
+        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2))
+        _mta_bwd_dkdv_kernel[_grid(n, bn, batch * heads)](
+            q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, start, end, *strides,
+            n, heads, kv_heads, heads // kv_heads, scale,
+            HAS_CONV=has_conv, C_Q=c_q, C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
+            DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
+        )
+        _mta_bwd_dq_kernel[_grid(n, bm, batch * heads)](
+            q, k, v, khat, cband, dz, lse, delta, dq, dcband, start, end, *strides,
+            n, heads, heads // kv_heads, scale,
+            HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
+            DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
+        )
+        if has_conv and stripe > 0:
+            band = _band_scores(q, k, start, end, c_q + c_k - 2, scale).requires_grad_()
+            with torch.enable_grad():
+                theta_leaf = theta32.detach().requires_grad_()
+                dband, dtheta_band = torch.autograd.grad(stripe_scores(band, theta_leaf, stripe), (band, theta_leaf), dcband)
+            dtheta += dtheta_band
+            _band_scores_bwd_kernel[_grid(n, 64, batch * heads)](
+                q, k, dband.contiguous(), dq, dk, start, end,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                n, heads, kv_heads, heads // kv_heads, scale,
+                WB=c_q + c_k - 2, BLOCK=64, D=head_dim,
+            )
+        dtheta = dtheta.to(theta.dtype) if has_conv else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta, dmix, None, None, None
+
+
+def _band_scores(q, k, start, end, width, scale):
+    batch, heads, n, head_dim = q.shape
+    band = _output((batch, heads, width, n), q, torch.float32)
+    _band_scores_kernel[_grid(n, 64, batch * heads)](
+        q, k, band, start, end, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        n, heads, heads // k.shape[1], scale, WB=width, BLOCK=64, D=head_dim,
+    )
+    return band
+
+
+def _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, start, end, scale):
+    """khat (B, H, c_q, N, d) and the exact stripe scores (B, H, stripe, N); placeholders without a convolution."""
+    batch, heads, n, head_dim = q.shape
+    if not has_conv:
+        return q.new_zeros(1), q.new_zeros(1, dtype=torch.float32)
+    khat = _output((batch, heads, c_q, n, head_dim), q)
+    _khat_kernel[_grid(n, 64, batch * heads)](
+        k, theta32, khat, start, end, k.stride(0), k.stride(1), k.stride(2),
+        n, heads, heads // k.shape[1], C_Q=c_q, C_K=c_k, PAD=pad, BLOCK=64, D=head_dim,
+    )
+    if stripe == 0:
+        return khat, q.new_zeros(1, dtype=torch.float32)
+    band = _band_scores(q, k, start, end, c_q + c_k - 2, scale)
+    return khat, stripe_scores(band, theta32, stripe).contiguous()
+
+
+def mix_heads(z: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """O_e = sum_c W[g, c, e] Z_c[e]: z (B, H, N, c_h * d) holds, for each source head c, P_c times each group value."""
+    batch, heads, n, width = z.shape
+    groups, c_h, _ = mix.shape
+    grouped = z.view(batch, groups, c_h, n, c_h, width // c_h)
+    out = torch.einsum("bgcned,gce->bgend", grouped.float(), mix.float())
+    return out.reshape(batch, heads, n, width // c_h).to(z.dtype)
+
+
+def mix_heads_backward(z: torch.Tensor, mix: torch.Tensor, dout: torch.Tensor):
+    batch, heads, n, width = z.shape
+    groups, c_h, _ = mix.shape
+    grouped = z.view(batch, groups, c_h, n, c_h, width // c_h).float()
+    dgrouped = dout.view(batch, groups, c_h, n, width // c_h).float()
+    dz = torch.einsum("bgend,gce->bgcned", dgrouped, mix.float()).reshape(batch, heads, n, width)
+    dmix = torch.einsum("bgend,bgcned->gce", dgrouped, grouped).to(mix.dtype)
+    return dz, dmix
+
+
+def mta_attention_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kq_conv_weight: torch.Tensor | None = None,
+    head_mix_post_weight: torch.Tensor | None = None,
+    key_padding: str = "both",
+    valid_start: torch.Tensor | None = None,
+    valid_end: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal MTA attention core, fused: the output (B, H, N, d) of `mta_reference.mta_attention`.
+
+    Token t of batch row b takes part iff valid_start[b] <= t < valid_end[b] (default: all).
+    Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15) and post-softmax head mixing (c_h in 1, 2, 4).
+    """
+    batch, heads, n, head_dim = q.shape
+    if k.shape[1] == 0 or heads % k.shape[1]:
+        raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")
+    gap = fused_coverage_gap(head_dim, tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
+                             key_padding, False, False,
+                             head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None)
+    if gap is not None:
+        raise ValueError(f"the fused MTA kernel does not cover {gap}")
+    device = q.device
+    start = valid_start.to(device=device, dtype=torch.int32) if valid_start is not None else torch.zeros(batch, dtype=torch.int32, device=device)
+    end = valid_end.to(device=device, dtype=torch.int32) if valid_end is not None else torch.full((batch,), n, dtype=torch.int32, device=device)
+    return MTAFusedAttention.apply(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, start, end)

@@ -1,0 +1,188 @@
+"""The fused Triton MTA attention against the reference (fp64), forward and every gradient.
+
+Without CUDA the kernels run in Triton's interpreter on tiny shapes; with CUDA the same checks run
+on realistic shapes in bf16, fp16 and fp32.
+"""
+
+import pytest
+import torch
+
+mta_triton = pytest.importorskip("modeling_mta.mta_triton")
+
+import modeling_mta.modeling_mta  # noqa: E402
+from modeling_mta import MTAForCausalLM  # noqa: E402
+from modeling_mta.mta_reference import mta_attention  # noqa: E402
+
+from .tiny import mta_config, randomize_mta  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# Relative L2 error allowed against the float64 reference (tf32 is never used for float32 here).
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(mta_triton, "POISON_OUTPUTS", True)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert not torch.isnan(got).any(), "NaN in the fused result"
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def check_against_reference(
+    batch=2, heads=4, kv_heads=2, n=37, head_dim=16, size=(3, 5), padding="both", group=2,
+    dtype=torch.float32, starts=None, ends=None, seed=0,
+):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rand(*shape, spread=1.0):
+        return (spread * torch.randn(*shape, generator=generator, device=DEVICE)).to(dtype).requires_grad_()
+
+    q, k, v = rand(batch, heads, n, head_dim), rand(batch, kv_heads, n, head_dim), rand(batch, kv_heads, n, head_dim)
+    theta = rand(heads, 1, *size, spread=0.5) if size else None
+    mix = rand(heads // group, group, group, spread=0.7) if group else None
+    starts = torch.tensor(starts if starts is not None else [0] * batch, device=DEVICE)
+    ends = torch.tensor(ends if ends is not None else [n] * batch, device=DEVICE)
+    inputs = [t for t in (q, k, v, theta, mix) if t is not None]
+
+    out = mta_triton.mta_attention_fused(q, k, v, theta, mix, padding, starts, ends)
+    grad_out = torch.randn(out.shape, generator=generator, device=DEVICE).to(dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    pos = torch.arange(n, device=DEVICE)
+    real = (pos >= starts[:, None]) & (pos < ends[:, None])
+    visible = (pos[None, :] <= pos[:, None]) & real[:, None, :, None] & real[:, None, None, :]
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    q64, k64, v64 = wide[:3]
+    theta64 = wide[3] if theta is not None else None
+    mix64 = wide[-1] if mix is not None else None
+    ref, _ = mta_attention(q64, k64, v64, visible, theta64, None, None, mix64, key_padding=padding)
+    ref_grads = torch.autograd.grad(ref, wide, grad_out.double())
+
+    tolerance = TOLERANCE[dtype]
+    names = ["out", "dq", "dk", "dv"] + (["dtheta"] if theta is not None else []) + (["dmix"] if mix is not None else [])
+    errors = dict(zip(names, [relative_error(out, ref)] + [relative_error(g, r) for g, r in zip(grads, ref_grads)]))
+    assert all(e <= tolerance for e in errors.values()), errors
+    return errors
+
+
+CPU_CASES = [
+    dict(),  # kq conv 3 x 5 ("both") + head mix 2, GQA 2, left and right padding below
+    dict(size=None),  # head-mix-only layer
+    dict(group=None),  # kq conv, no head mixing
+    dict(size=(2, 3), padding="left", group=4, kv_heads=1),
+    dict(size=(4, 4), padding="right", group=1, kv_heads=4),
+    dict(size=(1, 3)),  # no query shift: the stripe comes from the key side only
+    dict(size=(3, 1), padding="left", group=None),  # no key width
+    dict(size=(8, 15), n=45),  # the largest kernel the fused path takes
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_matches_the_reference_on_tiny_shapes(case):
+    check_against_reference(**{"starts": [0, 5], "ends": [37, 30], **case})
+
+
+def test_rows_that_are_all_padding_give_zero_and_no_nan():
+    errors = check_against_reference(batch=2, n=20, starts=[0, 20], ends=[20, 20])
+    assert errors["out"] < 1e-4
+
+
+def test_coverage_gaps_are_named():
+    gap = mta_triton.fused_coverage_gap
+    assert gap(64, (6, 11), "both", False, False, 2) is None
+    assert "post-softmax key-query convolution" in gap(64, (6, 11), "both", True, False, 2)
+    assert "pre-softmax head mixing" in gap(64, None, "both", False, True, None)
+    assert "groups of 8" in gap(64, None, "both", False, False, 8)
+    assert "9 x 11" in gap(64, (9, 11), "both", False, False, None)
+    assert "head_dim 96" in gap(96, None, "both", False, False, 2)
+    with pytest.raises(ValueError, match="does not cover"):
+        mta_triton.mta_attention_fused(*(torch.randn(1, 2, 4, 16) for _ in range(3)), torch.randn(2, 1, 9, 3))
+
+
+def model_pair(**overrides):
+    config = mta_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **overrides)
+    torch.manual_seed(0)
+    reference = randomize_mta(MTAForCausalLM(config)).to(DEVICE)
+    fused = MTAForCausalLM(mta_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      mta_kernel="fused", **overrides)).to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    return reference, fused
+
+
+def test_model_uses_the_kernel_and_matches_the_reference_with_padding(monkeypatch):
+    reference, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, group_norm=True, attn_gate="scalar")
+    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding
+    mask[1, 15:] = 0  # right padding
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return mta_triton.mta_attention_fused(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_mta.modeling_mta, "mta_attention_fused", counting)
+    outs = []
+    for model in (reference, fused):
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters()}))
+    assert len(calls) == 3  # one call per layer, all three layers fused
+    (ref_logits, ref_grads), (logits, grads) = outs
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], atol=2e-4, rtol=1e-4)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-4, rtol=2e-3, msg=name)
+
+
+def test_fused_mode_refuses_what_the_kernel_does_not_cover():
+    _, fused = model_pair(kq_conv_size=[3, 5], kq_conv_post_size=[2, 3])
+    with pytest.raises(ValueError, match="post-softmax key-query convolution"):
+        fused(torch.randint(0, 61, (1, 8), device=DEVICE))
+    _, fused = model_pair(kq_conv_size=[3, 5])
+    ids = torch.randint(0, 61, (1, 8), device=DEVICE)
+    with pytest.raises(ValueError, match="output_attentions"):
+        fused(ids, output_attentions=True)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]], device=DEVICE)
+    with pytest.raises(ValueError, match="attention masks other than"):
+        fused(ids, attention_mask=mask)
+
+
+GPU_CASES = [
+    dict(heads=16, kv_heads=16, head_dim=64, n=1000, size=(6, 11), group=2),
+    dict(heads=16, kv_heads=4, head_dim=128, n=777, size=(6, 11), group=2),
+    dict(heads=16, kv_heads=8, head_dim=64, n=1000, size=None, group=2),
+    dict(heads=8, kv_heads=8, head_dim=128, n=513, size=(8, 15), group=4),
+    dict(heads=8, kv_heads=2, head_dim=64, n=700, size=(4, 9), padding="left", group=1),
+    dict(heads=8, kv_heads=8, head_dim=64, n=640, size=(3, 7), padding="right", group=None),
+]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"h{c['heads']}x{c['head_dim']}-n{c['n']}-{c['size']}-g{c['group']}")
+def test_matches_the_reference_on_gpu_shapes(case, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_against_reference(batch=2, dtype=dtype, starts=[0, 37], ends=[case["n"], case["n"] - 11], **case)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_offsets_beyond_int32():
+    # 1100 x 16 heads x 1024 tokens x 128 > 2**31 elements per tensor (and khat is 6 times more): check
+    # the last batch rows, whose offsets only int64 arithmetic reaches, against the reference.
+    batch, heads, n, head_dim = 1100, 16, 1024, 128
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=generator, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    assert q.numel() > 2**31
+    theta = (0.5 * torch.randn(heads, 1, 6, 11, generator=generator, device="cuda")).bfloat16()
+    mix = (0.7 * torch.randn(heads // 2, 2, 2, generator=generator, device="cuda")).bfloat16()
+    out = mta_triton.mta_attention_fused(q, k, v, theta, mix)
+    tail = slice(batch - 2, batch)
+    visible = torch.ones(n, n, device="cuda").tril().bool()
+    ref, _ = mta_attention(q[tail].double(), k[tail].double(), v[tail].double(), visible, theta.double(), None, None,
+                           mix.double())
+    assert relative_error(out[tail], ref) <= TOLERANCE[torch.bfloat16]
