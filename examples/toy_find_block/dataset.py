@@ -6,13 +6,16 @@ the first `test_size` distinct examples of the seeded stream, the train set the 
 test example, or with another train example.
 
 The stream is made in chunks, each from its own seed, so any number of worker processes makes
-the same data.
+the same data. `python -m examples.toy_find_block.dataset` makes a data set from the command line:
+then the worker processes import only this light module, not the caller's torch and transformers.
 """
 
+import argparse
 import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -120,3 +123,23 @@ class TrainOrder:
             self._epoch = epoch
             self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.train_size)
         return self._permutation[position * self.batch_size : (position + 1) * self.batch_size]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.toy_find_block.dataset",
+                                     description="Make the toy task's data set (if it is not there yet).")
+    parser.add_argument("--work-dir", type=Path, required=True, help="the data set goes in a folder inside")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--train-size", type=int, required=True)
+    parser.add_argument("--test-size", type=int, required=True)
+    parser.add_argument("--workers", type=int, help="processes (default: one per CPU core, at most 16)")
+    args = parser.parse_args(argv)
+    try:
+        ensure_dataset(args.work_dir, args.seed, args.train_size, args.test_size, args.workers)
+    except ValueError as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

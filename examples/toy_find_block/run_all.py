@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from . import settings as settings_module
-from .dataset import ensure_dataset
 from .models import MODELS
 from .report import latest_eval, load_runs, write_report
 from .train import run_name
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def start_runs(runs: list[tuple[str, int]], settings, log_dir: Path) -> dict[str, subprocess.Popen]:
+def start_runs(runs: list[tuple[str, int]], settings, env: dict, log_dir: Path) -> dict[str, subprocess.Popen]:
     gpus = torch.cuda.device_count()
     # Indices into what this process sees, which may already be a CUDA_VISIBLE_DEVICES subset.
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -54,15 +53,14 @@ def start_runs(runs: list[tuple[str, int]], settings, log_dir: Path) -> dict[str
     processes = {}
     for i, (model, seed) in enumerate(runs):
         name = run_name(model, seed)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        run_env = dict(env, OMP_NUM_THREADS=str(threads))
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpu_ids[i % gpus]
+            run_env["CUDA_VISIBLE_DEVICES"] = gpu_ids[i % gpus]
         command = [sys.executable, "-m", "examples.toy_find_block.train", "--model", model, "--seed", str(seed),
                    *settings_module.to_argv(settings)]
         with open(log_dir / f"{name}.log", "a") as log:  # appended: a resumed run keeps its history
-            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else "CPU"
+            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=run_env)
+        where = f"GPU {run_env['CUDA_VISIBLE_DEVICES']}" if gpus else "CPU"
         print(f"  {name}: {where}, log {log_dir / name}.log", flush=True)
     return processes
 
@@ -114,10 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--models and --seeds repeat a run")
     started = time.monotonic()
     print("settings: " + json.dumps(settings.to_dict()), flush=True)
-    ensure_dataset(settings.work_dir, settings.data_seed, settings.train_size, settings.test_size,
-                   workers=os.cpu_count())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    # In a process of its own, whose worker processes then need not import torch as this one did.
+    made = subprocess.run([sys.executable, "-m", "examples.toy_find_block.dataset",
+                           "--work-dir", str(settings.work_dir), "--seed", str(settings.data_seed),
+                           "--train-size", str(settings.train_size), "--test-size", str(settings.test_size)], env=env)
+    if made.returncode != 0:
+        print(f"error: making the data set failed (exit code {made.returncode})", file=sys.stderr)
+        return 1
     log_dir = settings.work_dir / "logs"
-    processes = start_runs(runs, settings, log_dir)
+    processes = start_runs(runs, settings, env, log_dir)
     wait(processes, settings.out)
 
     failed = [name for name, p in processes.items() if p.returncode != 0]
