@@ -221,6 +221,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
         (train_main, ["--model", "mta", "--seed", "0", "--max-minutes", "-1"], ["--max-minutes", "positive"]),
         (train_main, ["--model", "transformer", "--seed", "0"], ["--model", "baseline", "mta"]),
         (run_all.main, ["--seeds", "1", "1"], ["repeat a run"]),
+        (dataset.main, ["--work-dir", "unused", "--seed", "0", "--train-size", "0", "--test-size", "5"], ["positive"]),
     ],
 )
 def test_bad_settings_are_refused_with_the_flag_name(main, argv, words, capsys):
