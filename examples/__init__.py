@@ -1,0 +1,1 @@
+"""Experiments that use the mta package: each subfolder is runnable with `python -m examples.<name>...`."""
