@@ -4,7 +4,6 @@ Everything here reads headers only (safetensors) or memory-maps (torch files), s
 checkpoint is reported before a byte of output is written.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from transformers import LlamaConfig
 
 from .errors import ConversionError
+from .json_files import read_json_object
 from .tensor_files import TensorSpec, read_tensor_specs, weight_files
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -34,14 +34,7 @@ def read_llama_config(folder: Path) -> LlamaConfig:
     if not folder.is_dir():
         raise ConversionError(f"the source {folder} is not a folder")
     path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise ConversionError(f"{folder} has no config.json: is it a Transformers model folder?") from error
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"cannot read {path}: {error}") from error
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path} does not hold a JSON object")
+    raw = read_json_object(path, "is it a Transformers model folder?")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(

@@ -13,15 +13,23 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 
-from modeling_mta import MTAConfig, MTAForCausalLM
+from modeling_mta import MTAConfig
 from modeling_mta.modeling_mta import is_mta_parameter, mta_modules
 
 from .errors import ConversionError
 from .llama_checkpoint import check_llama_weights, read_llama_config
-from .mta_folder import save_config_and_code
+from .mta_folder import describe_mta, save_config_and_code, state_dict_shapes
 from .retrofit import mta_config_from_llama
 from .safe_output import check_output_folder, staged_output
-from .tensor_files import copy_safetensors, is_safetensors, load_torch_file, save_tensors, shard_name, write_index
+from .tensor_files import (
+    as_state_dict,
+    copy_safetensors,
+    is_safetensors,
+    load_torch_file,
+    save_tensors,
+    shard_name,
+    write_index,
+)
 
 NEW_PARAMETER_DTYPES = ("float32", "bfloat16", "float16")
 # Top-level files of the source that are not copied: weights, their indexes, code, and the config (rewritten).
@@ -39,13 +47,10 @@ class LlamaConversion:
     dropped: list[str]
 
     def summary(self) -> str:
-        config = self.config
         lines = [
             f"wrote {self.dst}: {self.llama_tensors} Llama tensors (unchanged) and {self.new_tensors} new MTA tensors "
             f"({str(self.new_dtype).removeprefix('torch.')}, identity) in {self.shards} safetensors shards",
-            f"MTA: kq conv {config.kq_conv_size} / post {config.kq_conv_post_size} in layers {config.mta_layers}, "
-            f"head mix {config.head_mix_size} / post {config.head_mix_post_size}, key padding {config.key_padding!r}, "
-            f"group norm {config.group_norm}, gate {config.attn_gate}",
+            describe_mta(self.config),
         ]
         if self.dropped:
             lines.append(f"left out {len(self.dropped)} tensors the model recomputes or ties: {self.dropped[:4]}")
@@ -69,8 +74,7 @@ def convert_llama(
     src, dst = Path(src), Path(dst)
     check_output_folder(src, dst, overwrite)
     config = _mta_config(read_llama_config(src), mta_options)
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in MTAForCausalLM(config).state_dict().items()}
+    shapes = state_dict_shapes(config)
     llama_shapes = {name: shape for name, shape in shapes.items() if not is_mta_parameter(name)}
     tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
     for name in tied:
@@ -90,7 +94,7 @@ def convert_llama(
             if is_safetensors(path):
                 total_bytes += copy_safetensors(path, staging / shard, names)
             else:
-                tensors = load_torch_file(path)
+                tensors = as_state_dict(load_torch_file(path), path)
                 total_bytes += save_tensors({name: tensors[name] for name in names}, staging / shard)
             weight_map.update(dict.fromkeys(names, shard))
         if new_tensors:

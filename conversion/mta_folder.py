@@ -1,4 +1,4 @@
-"""The parts of a converted MTA model folder besides the weights: config with `auto_map`, and the code files."""
+"""What converters need of the MTA model's layout: tensor shapes, and a folder's config, `auto_map` and code."""
 
 from pathlib import Path
 
@@ -6,6 +6,21 @@ import torch
 from transformers.dynamic_module_utils import custom_object_save
 
 from modeling_mta import MTAConfig, MTAForCausalLM
+
+
+def state_dict_shapes(config: MTAConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of MTAForCausalLM(config), built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in MTAForCausalLM(config).state_dict().items()}
+
+
+def describe_mta(config: MTAConfig) -> str:
+    """One line naming the MTA operations of a config."""
+    return (
+        f"MTA: kq conv {config.kq_conv_size} / post {config.kq_conv_post_size} in layers {config.mta_layers}, "
+        f"head mix {config.head_mix_size} / post {config.head_mix_post_size}, key padding {config.key_padding!r}, "
+        f"group norm {config.group_norm}, gate {config.attn_gate}"
+    )
 
 
 def save_config_and_code(config: MTAConfig, folder: Path, dtype: torch.dtype) -> None:

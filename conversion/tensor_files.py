@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ConversionError
+from .json_files import read_json_object
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -46,11 +47,10 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
         index_path = folder / index_name
         if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-                raise ConversionError(f"{index_path} is not a readable weight index ({error})") from error
+            weight_map = read_json_object(index_path, "").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ConversionError(f"{index_path} has no weight_map naming a file for each tensor")
+            names = sorted(set(weight_map.values()))
             absent = [name for name in names if not (folder / name).is_file()]
             if absent:
                 raise ConversionError(f"{index_path} names weight files that are not in {folder}: {absent}")
@@ -74,15 +74,19 @@ def read_tensor_specs(path: Path) -> dict[str, TensorSpec]:
         if unknown:
             raise ConversionError(f"{path} holds tensors of dtypes this converter does not know: {sorted(unknown)}")
         return {name: TensorSpec(SAFETENSORS_DTYPES[dtype], shape) for name, (dtype, shape) in raw.items()}
-    return {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in load_torch_file(path).items()}
+    return {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in as_state_dict(load_torch_file(path), path).items()}
 
 
-def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """A torch-saved dict of tensors, memory-mapped; anything but tensors and plain containers is refused."""
+def load_torch_file(path: Path) -> object:
+    """A torch-saved object, memory-mapped; anything but tensors and plain containers is refused."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises several types for truncated zips and refused pickles alike
         raise ConversionError(f"{path} is truncated, not a torch file, or holds more than tensors ({error})") from error
+
+
+def as_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
+    """`loaded` if it is a dict of tensors (a state dict); an error naming `path` otherwise."""
     if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
         raise ConversionError(f"{path} does not hold a dict of tensors (a state dict)")
     return loaded

@@ -246,6 +246,7 @@ BAD_INPUTS = {
     "config-not-json": (lambda src: (src / "config.json").write_text("{not json"), {}, "cannot read .*config.json"),
     "not-a-llama": (_edit_config(model_type="gpt2"), {}, "model_type 'gpt2'; this converter supports llama"),
     "no-weights": (_remove("model*"), {}, "no weights in"),
+    "index-not-json": (lambda src: (src / "model.safetensors.index.json").write_text("{"), {}, "cannot read .*index"),
     "index-names-absent-file": (_remove("model-00002-*"), {}, "names weight files that are not in"),
     "truncated-shard": (_truncate, {}, "truncated or not a safetensors file"),
     "shapes-disagree": (_edit_config(intermediate_size=48), {}, r"shapes disagree .*mlp.gate_proj.weight is \[64, 32\]"),
