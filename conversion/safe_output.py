@@ -12,7 +12,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import ConversionError
@@ -40,6 +40,7 @@ def staged_output(src: str | os.PathLike, dst: str | os.PathLike, overwrite: boo
     """
     check_output_folder(src, dst, overwrite)
     dst = Path(dst).resolve()
+    created_parents = [parent for parent in dst.parents if not parent.exists()]  # deepest first
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}{PARTIAL_MARK}{secrets.token_hex(4)}"
     staging.mkdir()
@@ -49,6 +50,9 @@ def staged_output(src: str | os.PathLike, dst: str | os.PathLike, overwrite: boo
             _move_into_place(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in created_parents:
+            with suppress(OSError):  # only if still empty
+                parent.rmdir()
         raise
 
 

@@ -287,7 +287,7 @@ def test_destinations_overlapping_the_source_are_refused(tmp_path, capsys):
 def test_an_exception_inside_the_staged_output_leaves_nothing(tmp_path):
     (tmp_path / "src").mkdir()
     with pytest.raises(RuntimeError, match="boom"):
-        with staged_output(tmp_path / "src", tmp_path / "dst") as staging:
+        with staged_output(tmp_path / "src", tmp_path / "new" / "parents" / "dst") as staging:
             (staging / "half-written").write_text("x")
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
