@@ -3,13 +3,15 @@
 import argparse
 import sys
 
-from . import demo
+from . import convert_lingua, convert_llama, demo, verify_llama
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mta", description="Multi-Token Attention for Transformers")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(commands.add_parser("demo", help=demo.__doc__.splitlines()[0]))
+    for name, module in (("demo", demo), ("convert-llama", convert_llama), ("verify-llama", verify_llama),
+                         ("convert-lingua", convert_lingua)):
+        module.add_arguments(commands.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__))
     return parser
 
 

@@ -2,20 +2,12 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from conversion import mta_config_from_llama, retrofit_llama
 from mta.cli import main
 
-from .tiny import TINY
-
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-
-
-def tiny_llama(dtype=torch.float32, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 7, **overrides})).to(dtype).eval()
+from .tiny import LLAMA3_ROPE, TINY, tiny_llama
 
 
 @pytest.mark.parametrize(

@@ -72,13 +72,10 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path):
-    model = random_mta_model(**FULL)
-    folder, ids_file, out_file = tmp_path / "model", tmp_path / "ids.pt", tmp_path / "logits.pt"
-    model.save_pretrained(folder)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+def logits_without_the_package(folder, ids: torch.Tensor, tmp_path) -> torch.Tensor:
+    """The logits of the model in `folder`, loaded with trust_remote_code in a process that cannot import this package."""
+    ids_file, out_file, script = tmp_path / "ids.pt", tmp_path / "logits.pt", tmp_path / "load.py"
     torch.save(ids, ids_file)
-    script = tmp_path / "load.py"
     script.write_text(REMOTE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HOME"] = str(tmp_path / "hf_home")
@@ -87,5 +84,13 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path)
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out_file)
+
+
+def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path):
+    model = random_mta_model(**FULL)
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(out_file), model(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(logits_without_the_package(tmp_path / "model", ids, tmp_path), model(ids).logits,
+                                   atol=0, rtol=0)

@@ -3,6 +3,7 @@
 import itertools
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_mta import MTAConfig, MTAForCausalLM
 from modeling_mta.modeling_mta import MTAGroupNorm, MTAHeadMix, MTAKeyQueryConv
@@ -16,6 +17,16 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
 )
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def tiny_llama(dtype=torch.float32, **overrides) -> LlamaForCausalLM:
+    """A random Llama with 7 layers, so that the paper's every-4th-layer placement gives layers 2 and 6."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 7, **overrides})).to(dtype).eval()
+
 
 # Every combination of the four score-map operations; key padding, group norm and gate cycle
 # through their values so that each appears with several combinations.
