@@ -9,6 +9,7 @@ For each (heads x head_dim) and sequence length, batch 1, bf16: forward and forw
 Prints a table with ratios to SDPA and writes the rows as JSON.
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention-h200.json
+    python benchmarks/bench_attention.py --markdown benchmarks/results/attention-h200.json   # README table
 """
 
 import argparse
@@ -101,7 +102,11 @@ def main():
     parser.add_argument("--max-reference-len", type=int, default=16384, help="skip the reference beyond this N")
     parser.add_argument("--blocks", help="BM,BN,WARPS,STAGES for the fused kernels instead of their default choice")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--markdown", type=Path, help="print the rows of this JSON file as a markdown table and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown_table(json.loads(args.markdown.read_text())))
+        return
     if args.blocks:
         mta_triton.BLOCKS_OVERRIDE = tuple(int(x) for x in args.blocks.split(","))
 
@@ -134,6 +139,27 @@ def main():
                 if args.out:  # after every row, so that a run cut short keeps what it measured
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """fwd+bwd ms (ratio to SDPA) and peak GiB per implementation, one line per shape and length."""
+    impls = ["sdpa", "mta_kq", "mta_headmix", "reference"]
+    lines = ["| heads x d | N | " + " | ".join(f"{name} fwd+bwd ms (x SDPA), GiB" for name in impls) + " |",
+             "|---|---:|" + "---:|" * len(impls)]
+    keys = sorted({(r["heads"], r["head_dim"], r["seq_len"]) for r in rows})
+    for heads, head_dim, n in keys:
+        found = {r["impl"]: r for r in rows if (r["heads"], r["head_dim"], r["seq_len"]) == (heads, head_dim, n)}
+        base = found.get("sdpa", {}).get("fwd_bwd_ms")
+        cells = []
+        for name in impls:
+            row = found.get(name, {})
+            if row.get("fwd_bwd_ms") is None:
+                cells.append(row.get("note", "-").split(":")[0])
+                continue
+            ratio = f" ({row['fwd_bwd_ms'] / base:.1f}x)" if base and name != "sdpa" else ""
+            cells.append(f"{row['fwd_bwd_ms']:.2f}{ratio}, {row['peak_gib']:.2f}")
+        lines.append(f"| {heads} x {head_dim} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_row(row: dict, baseline: dict | None) -> str:

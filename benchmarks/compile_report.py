@@ -61,7 +61,7 @@ def main():
         for has_conv, c_h in ((True, 2), (False, 2)):
             c_q, c_k, pad = (6, 11, 5) if has_conv else (1, 1, 0)
             stripe = (c_q - 1) + (c_k - 1 - pad) if has_conv else 0
-            for blocks in [mt._blocks(head_dim, c_q, c_h)] + [tuple(int(x) for x in b.split(",")) for b in args.blocks]:
+            for blocks in [mt._blocks(head_dim, c_q, c_h, 2)] + [tuple(int(x) for x in b.split(",")) for b in args.blocks]:
                 report_layer(head_dim, has_conv, c_q, c_k, pad, stripe, c_h, *blocks)
 
 

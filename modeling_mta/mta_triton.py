@@ -450,13 +450,16 @@ def _grid(n: int, block: int, batch_heads: int):
 BLOCKS_OVERRIDE = None
 
 
-def _blocks(head_dim: int, c_q: int, c_h: int) -> tuple[int, int, int, int]:
+def _blocks(head_dim: int, c_q: int, c_h: int, element_size: int) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages): tiles small enough for the c_q query-shift accumulators and
     shallow enough pipelines for the c_q shifted tiles each step loads to fit in shared memory."""
     if BLOCKS_OVERRIDE is not None:
         return BLOCKS_OVERRIDE
     if c_q > 1 or head_dim * c_h > 256:
-        return (32, 32, 8, 1) if head_dim > 64 else (32, 32, 4, 2)
+        if head_dim <= 64:
+            return 32, 32, 4, 2
+        # float32 tiles take twice the shared memory: at 32 x 32 the kernel asked for more than an H200 has.
+        return (16, 16, 4, 1) if element_size > 2 else (32, 32, 8, 1)
     return (64, 64, 4, 2) if head_dim <= 64 else (64, 32, 4, 2)
 
 
@@ -471,7 +474,7 @@ class MTAFusedAttention(torch.autograd.Function):
         stripe = (c_q - 1) + (c_k - 1 - pad) if has_conv else 0
         c_h = mix.shape[-1] if mix is not None else 1
         scale = 1.0 / math.sqrt(head_dim)
-        bm, bn, warps, stages = _blocks(head_dim, c_q, c_h)
+        bm, bn, warps, stages = _blocks(head_dim, c_q, c_h, q.element_size())
         dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         theta32 = theta.float().contiguous() if has_conv else q.new_zeros(1, dtype=torch.float32)

@@ -85,6 +85,15 @@ def test_matches_the_reference_on_tiny_shapes(case):
     check_against_reference(**{"starts": [0, 5], "ends": [37, 30], **case})
 
 
+@pytest.mark.parametrize("blocks", [(16, 16, 4, 1), (64, 32, 4, 2), (32, 64, 4, 2)], ids=str)
+def test_every_tiling_computes_the_same_function(blocks, monkeypatch):
+    # The GPU picks tilings by head_dim, kernel size and dtype; query and key blocks of different
+    # sizes change which tiles the loops visit, so each shape of tiling is checked here.
+    monkeypatch.setattr(mta_triton, "BLOCKS_OVERRIDE", blocks)
+    check_against_reference(n=45, starts=[0, 7], ends=[45, 33])
+    check_against_reference(n=45, size=None, starts=[3, 0], ends=[45, 40])
+
+
 def test_rows_that_are_all_padding_give_zero_and_no_nan():
     errors = check_against_reference(batch=2, n=20, starts=[0, 20], ends=[20, 20])
     assert errors["out"] < 1e-4
