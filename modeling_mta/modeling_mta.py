@@ -170,12 +170,18 @@ class AttentionLayout:
     nothing as a query (spec section 2). A 4-D mask (what compiled static caches pass) is taken as
     given: bool True, or float 0, = visible.
 
+    Packed rows (no mask, no cache, `position_ids` restarting inside a row, as transformers'
+    DataCollatorWithFlattening makes them) hold several documents: `documents` lists their spans,
+    and attention runs on each document alone, so neither attention nor convolution crosses them.
+
     The reference attention reads the boolean map (`visible`); the fused kernel reads one valid
     token range per row (`valid_ranges`), which exists when padding is only on the left and/or right.
-    Both are built on first use, once per call.
+    All are built on first use, once per call.
     """
 
-    def __init__(self, attention_mask, batch, query_len, past_len, history, device, output_attentions=False):
+    def __init__(
+        self, attention_mask, batch, query_len, past_len, history, device, output_attentions=False, position_ids=None
+    ):
         key_len = past_len + query_len
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (batch, key_len):
             raise ValueError(
@@ -188,8 +194,10 @@ class AttentionLayout:
         self.batch, self.query_len, self.past_len, self.history = batch, query_len, past_len, history
         self.device = device
         self.output_attentions = output_attentions
+        self.position_ids = position_ids
         self._visible = None
         self._ranges = None
+        self._documents = None
 
     def visible(self) -> torch.Tensor:
         """Boolean (B, 1, history + query_len, past_len + query_len)."""
@@ -210,6 +218,26 @@ class AttentionLayout:
         valid = mask.bool()
         return visible & valid[:, None, None, :] & valid[:, None, self.past_len - self.history :, None]
 
+    def documents(self) -> list[list[tuple[int, int]]] | None:
+        """Per row, the [start, end) spans of its documents; None unless the rows are packed."""
+        if self._documents is None:
+            self._documents = (self._build_documents(),)
+        return self._documents[0]
+
+    def _build_documents(self):
+        if self.attention_mask is not None or self.past_len or self.position_ids is None:
+            return None
+        positions = self.position_ids.expand(self.batch, -1)
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]  # a position that does not go up starts a document
+        if not bool(starts[:, 1:].any()):
+            return None
+        rows = []
+        for row in starts.cpu().tolist():
+            begins = [t for t, begin in enumerate(row) if begin]
+            rows.append(list(zip(begins, begins[1:] + [self.query_len])))
+        return rows
+
     def valid_ranges(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per row, the [start, end) of its real tokens, or None if the mask is not of that form."""
         if self._ranges is None:
@@ -217,7 +245,7 @@ class AttentionLayout:
         return self._ranges[0]
 
     def _build_ranges(self):
-        if self.past_len or self.history:
+        if self.past_len or self.history or self.documents() is not None:
             return None
         mask = self.attention_mask
         if mask is None:
@@ -292,21 +320,11 @@ class MTAAttention(nn.Module):
                 valid_end=ranges[1],
             )
             probs = None
+        elif layout.documents() is not None:
+            output, probs = self.attend_per_document(query, key, value, layout.documents())
         else:
             visible = layout.visible()
-            output, probs = mta_attention(
-                query,
-                key,
-                value,
-                visible[..., visible.shape[-2] - (history + seq_len) :, :],
-                kq_conv_weight=self.kq_conv.weight if self.kq_conv is not None else None,
-                kq_conv_post_weight=self.kq_conv_post.weight if self.kq_conv_post is not None else None,
-                head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
-                head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
-                key_padding=self.config.key_padding,
-                dropout=self.attention_dropout,
-                training=self.training,
-            )
+            output, probs = self.attend(query, key, value, visible[..., visible.shape[-2] - (history + seq_len) :, :])
             output, probs = output[:, :, history:], probs[:, :, history:]
         output = output.transpose(1, 2)  # (B, N, H, d): group norm and gate act per head and token
         if self.group_norm is not None:
@@ -314,6 +332,36 @@ class MTAAttention(nn.Module):
         if self.gate is not None:
             output = self.gate(output)
         output = self.o_proj(output.reshape(batch, seq_len, -1))
+        return output, probs
+
+    def attend(self, query, key, value, visible) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference attention core with this layer's MTA parameters."""
+        return mta_attention(
+            query,
+            key,
+            value,
+            visible,
+            kq_conv_weight=self.kq_conv.weight if self.kq_conv is not None else None,
+            kq_conv_post_weight=self.kq_conv_post.weight if self.kq_conv_post is not None else None,
+            head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
+            head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
+            key_padding=self.config.key_padding,
+            dropout=self.attention_dropout,
+            training=self.training,
+        )
+
+    def attend_per_document(self, query, key, value, documents) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each document of each packed row on its own; attention maps are zero across documents."""
+        batch, heads, n, head_dim = query.shape
+        output = query.new_zeros(batch, heads, n, value.shape[-1])
+        probs = query.new_zeros(batch, heads, n, n)
+        for b, spans in enumerate(documents):
+            for start, end in spans:
+                causal = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril()
+                part = slice(start, end)
+                out, p = self.attend(query[b : b + 1, :, part], key[b : b + 1, :, part], value[b : b + 1, :, part], causal)
+                output[b, :, part] = out[0]
+                probs[b, :, part, part] = p[0]
         return output, probs
 
     def fused_ranges(self, query: torch.Tensor, layout: AttentionLayout):
@@ -333,6 +381,8 @@ class MTAAttention(nn.Module):
             gap = "output_attentions (it never forms the attention maps)"
         elif layout.past_len:
             gap = "decoding against a cache"
+        elif layout.documents() is not None:
+            gap = "packed sequences"
         elif ranges is None:
             gap = "attention masks other than left/right padding"
         elif self.training and self.attention_dropout:
@@ -436,11 +486,6 @@ class MTAModel(MTAPreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)[None]
-        elif attention_mask is None and past_len == 0 and bool((position_ids[:, 1:] == 0).any()):
-            raise NotImplementedError(
-                "position_ids restart at 0 inside a row (packed sequences): the reference MTA attention "
-                "does not separate documents yet; pad the sequences and pass an attention_mask instead"
-            )
         history = min(past_len, self.config.query_history_length())
         if cache is not None and self.config.query_history_length() and not isinstance(cache, MTACache):
             raise TypeError(
@@ -449,7 +494,8 @@ class MTAModel(MTAPreTrainedModel):
             )
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         layout = AttentionLayout(
-            attention_mask, batch, query_len, past_len, history, inputs_embeds.device, bool(output_attentions)
+            attention_mask, batch, query_len, past_len, history, inputs_embeds.device, bool(output_attentions),
+            position_ids,
         )
 
         hidden_states = inputs_embeds

@@ -158,6 +158,8 @@ def test_fused_mode_refuses_what_the_kernel_does_not_cover():
     mask = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]], device=DEVICE)
     with pytest.raises(ValueError, match="attention masks other than"):
         fused(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="packed sequences"):
+        fused(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]], device=DEVICE))
 
 
 GPU_CASES = [

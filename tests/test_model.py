@@ -85,6 +85,24 @@ def test_padded_rows_give_the_logits_of_the_sequence_alone(combo):
     assert torch.isfinite(batch).all()
 
 
+@pytest.mark.parametrize("combo", OP_COMBOS[1::3] + OP_COMBOS[-1:], ids=combo_id)
+def test_packed_documents_give_the_logits_of_each_document_alone(combo):
+    # What transformers' DataCollatorWithFlattening produces: one row, position ids restarting per document.
+    model = random_mta_model(**combo)
+    documents = [torch.randint(0, TINY["vocab_size"], (1, n)) for n in (7, 1, 11, 5)]
+    packed = torch.cat(documents, 1)
+    position_ids = torch.cat([torch.arange(d.shape[1]) for d in documents])[None]
+    with torch.no_grad():
+        logits = model(packed, position_ids=position_ids).logits
+        alone = torch.cat([model(d).logits for d in documents], 1)
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
+    second_row = torch.cat([documents[2], documents[0]], 1)  # rows of a batch are split independently
+    with torch.no_grad():
+        both = model(torch.cat([packed[:, :18], second_row], 0),
+                     position_ids=torch.cat([position_ids[:, :18], torch.cat([torch.arange(11), torch.arange(7)])[None]])).logits
+    torch.testing.assert_close(both[1], torch.cat([alone[0, 8:19], alone[0, :7]]), atol=1e-5, rtol=0)
+
+
 def test_reference_core_gradients_match_finite_differences():
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64)
@@ -219,5 +237,3 @@ def test_bad_inputs_give_clear_errors():
         model(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one"):
         model()
-    with pytest.raises(NotImplementedError, match="packed"):
-        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1]] * 2))
