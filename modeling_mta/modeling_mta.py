@@ -6,7 +6,8 @@ this file holds the parameters and wires them into a Llama-shaped model, so a Ll
 loads unchanged and identity MTA parameters reproduce the Llama exactly.
 
 This file is copied verbatim into saved model folders, where `trust_remote_code=True` loads it
-beside `configuration_mta.py` and `mta_reference.py`: keep its imports relative or from transformers.
+beside `configuration_mta.py`, `mta_reference.py` and `mta_triton.py` (the fused kernel, used when
+Triton is there): keep its imports relative or from transformers.
 """
 
 import torch
