@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from conversion.errors import ConversionError
@@ -138,6 +139,8 @@ def finetune(args: argparse.Namespace, output: Path, checkpoint_dir: Path) -> in
                       training=training_summary(args, trainer, losses, seconds, tokens.name),
                       repo_id=args.push_to_hub, has_adapter=args.train == "lora")
     log = dict(losses=losses, train_mode=args.train, world_size=targs.world_size, seconds=round(seconds, 1),
+               distributed_type=str(trainer.accelerator.distributed_type.value),
+               parameters_sharded=any(isinstance(p, DTensor) for p in trainer.model.parameters()),
                per_device_batch=targs.per_device_train_batch_size, grad_accum=targs.gradient_accumulation_steps,
                steps=trainer.state.global_step, bf16=targs.bf16)
     save_dtype = getattr(torch, args.save_dtype) if args.save_dtype else (torch.bfloat16 if targs.bf16 else torch.float32)
