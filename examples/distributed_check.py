@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                   "finetune_args": finetune_args, "devices": torch.cuda.device_count(), "runs": {}}
         worst = 0.0
         for run in logs:
-            summary = {k: logs[run][k] for k in ("world_size", "distributed_type", "parameters_sharded", "bf16", "seconds")}
+            summary = {k: logs[run][k]
+                       for k in ("world_size", "distributed_type", "parameters_sharded", "bf16", "seconds")}
             if run != "one":
                 diffs = [abs(a - b) for a, b in zip(losses[run], losses["one"], strict=True)]
                 summary |= {"max_abs_loss_diff": max(diffs), "mean_abs_loss_diff": sum(diffs) / len(diffs),

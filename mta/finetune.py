@@ -33,11 +33,16 @@ from .text_data import TokenizerTokens, load_blocks
 from .train_modes import TRAIN_MODES, LoraOptions, model_from_state_dict, prepare_for_training, trainable_summary
 
 DEFAULT_LR = {"mta": 1e-3, "full": 2e-5, "lora": 2e-4}
+MODE_SUMMARY = {
+    "mta": "only the MTA parameters trained; every other weight is the base model's",
+    "full": "every parameter trained",
+    "lora": "LoRA adapters on the projections and the MTA modules in full trained, then merged",
+}
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 LOG_FILE = "training_log.json"
 # transformers 5.2x renamed gradient checkpointing to activation checkpointing (the old name warns).
-CHECKPOINTING_FIELD = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-                       else "gradient_checkpointing")
+CHECKPOINTING_FIELD = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                           if name in TrainingArguments.__dataclass_fields__)
 
 
 def use_bf16(precision: str) -> bool:
@@ -72,20 +77,19 @@ def training_arguments(args: argparse.Namespace, checkpoint_dir: Path) -> Traini
     )
 
 
-def training_summary(args, trainer: Trainer, losses: list[dict], seconds: float, tokens_name: str) -> list[str]:
+def training_summary(args: argparse.Namespace, trainer: Trainer, losses: list[dict], seconds: float,
+                     tokens_name: str) -> list[str]:
     """Markdown lines for the model card: how the model was trained."""
     targs = trainer.args
+    processes = f"{targs.world_size} {'process' if targs.world_size == 1 else 'processes'}"
     global_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * targs.world_size
+    schedule = getattr(targs.lr_scheduler_type, "value", targs.lr_scheduler_type)
+    precision = "bf16 mixed precision" if targs.bf16 else "float32"
     lines = [
-        f"- `--train {args.train}`: " + {"mta": "only the MTA parameters trained; every other weight is the base model's.",
-                                              "full": "every parameter trained.",
-                                              "lora": "LoRA adapters on the projections, MTA modules trained in full, "
-                                                      "then merged."}[args.train],
+        f"- `--train {args.train}`: {MODE_SUMMARY[args.train]}.",
         f"- Data: {', '.join(Path(p).name for p in args.data)}; blocks of {args.block_size} tokens ({tokens_name}).",
-        f"- {trainer.state.global_step} steps, global batch {global_batch} blocks ({targs.world_size} "
-        f"{'process' if targs.world_size == 1 else 'processes'}), learning rate {targs.learning_rate} "
-        f"({getattr(targs.lr_scheduler_type, 'value', targs.lr_scheduler_type)}), weight decay {targs.weight_decay}, "
-        f"{'bf16 mixed precision' if targs.bf16 else 'float32'}"
+        f"- {trainer.state.global_step} steps, global batch {global_batch} blocks ({processes}), learning rate "
+        f"{targs.learning_rate} ({schedule}), weight decay {targs.weight_decay}, {precision}"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; {seconds:.0f} s.",
     ]
     if losses:
@@ -118,7 +122,7 @@ def finetune(args: argparse.Namespace, output: Path, checkpoint_dir: Path) -> in
     except (FinetuneError, ConversionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    config = copy.deepcopy(base.model.config)
+    config = copy.deepcopy(base.model.config)  # as loaded: the Trainer may change the model's own
     lora = LoraOptions(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, mlp=args.lora_mlp)
     model = prepare_for_training(base.model, args.train, lora)
     trainer = Trainer(model=model, args=targs, train_dataset=blocks, data_collator=default_data_collator)
@@ -134,18 +138,19 @@ def finetune(args: argparse.Namespace, output: Path, checkpoint_dir: Path) -> in
         return 0
     losses = [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")}
               for h in trainer.state.log_history if "loss" in h]
-    trained = model_from_state_dict(config, args.train, lora, state_dict)
-    card = model_card(config, base_model=args.base_name or base.description, tokenizer=tokens.name,
-                      training=training_summary(args, trainer, losses, seconds, tokens.name),
-                      repo_id=args.push_to_hub, has_adapter=args.train == "lora")
     log = dict(losses=losses, train_mode=args.train, world_size=targs.world_size, seconds=round(seconds, 1),
                distributed_type=str(trainer.accelerator.distributed_type.value),
                parameters_sharded=any(isinstance(p, DTensor) for p in trainer.model.parameters()),
                per_device_batch=targs.per_device_train_batch_size, grad_accum=targs.gradient_accumulation_steps,
                steps=trainer.state.global_step, bf16=targs.bf16)
-    save_dtype = getattr(torch, args.save_dtype) if args.save_dtype else (torch.bfloat16 if targs.bf16 else torch.float32)
+    card = model_card(config, base_model=args.base_name or base.description, tokenizer=tokens.name,
+                      training=training_summary(args, trainer, losses, seconds, tokens.name),
+                      repo_id=args.push_to_hub, has_adapter=args.train == "lora")
+    default_dtype = torch.bfloat16 if targs.bf16 else torch.float32
     try:
-        save_hub_folder(trained, output, card=card, dtype=save_dtype, src=base.folder, overwrite=args.overwrite,
+        save_hub_folder(model_from_state_dict(config, args.train, lora, state_dict), output, card=card,
+                        dtype=getattr(torch, args.save_dtype) if args.save_dtype else default_dtype,
+                        src=base.folder, overwrite=args.overwrite,
                         tokenizer=tokens.tokenizer if isinstance(tokens, TokenizerTokens) else None,
                         extra_files={LOG_FILE: json.dumps(log, indent=1) + "\n"})
     except ConversionError as error:
@@ -153,9 +158,25 @@ def finetune(args: argparse.Namespace, output: Path, checkpoint_dir: Path) -> in
         return 2
     print(f"wrote {output} (loads with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)) "
           f"in {time.perf_counter() - start:.0f} s")
-    if args.push_to_hub:
-        print(f"uploaded to {push_folder(output, args.push_to_hub, private=args.private)}")
+    return upload(output, args.push_to_hub, args.private) if args.push_to_hub else 0
+
+
+def upload(folder: Path, repo_id: str, private: bool) -> int:
+    try:
+        url = push_folder(folder, repo_id, private=private)
+    except Exception as error:  # whatever the Hub or the network says, the folder stays complete on disk
+        print(f"error: uploading {folder} to {repo_id} failed: {error}\nThe folder is complete; upload it later "
+              f"with `hf upload {repo_id} {folder}`", file=sys.stderr)
+        return 1
+    print(f"uploaded to {url}")
     return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,18 +187,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(token ids = UTF-8 bytes): a CPU check of the whole path")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
                         help=".txt files (one document each) or .jsonl files (one document a line)")
-    parser.add_argument("--text-field", default="text", help="the field of .jsonl records holding the text (default text)")
+    parser.add_argument("--text-field", default="text",
+                        help="the field of .jsonl records holding the text (default text)")
     parser.add_argument("--output", required=True, metavar="DIR", help="the Hub-ready model folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (once the new one is complete)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output (once the new one is complete)")
     parser.add_argument("--train", choices=TRAIN_MODES, default="mta",
                         help="what trains: the MTA parameters only (default), everything, or LoRA + the MTA modules")
     parser.add_argument("--tokenizer", metavar=f"DIR|{BYTES}", help="default: the model folder's tokenizer "
                         f"(none with --tiny, whose token ids are bytes); '{BYTES}': UTF-8 bytes as token ids")
     training = parser.add_argument_group("training")
-    training.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    training.add_argument("--batch-size", type=int, default=8, help="blocks per device and step (default 8)")
-    training.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    training.add_argument("--block-size", type=int, default=512, help="tokens per training block (default 512)")
+    training.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default 100)")
+    training.add_argument("--batch-size", type=positive_int, default=8, help="blocks per device and step (default 8)")
+    training.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps (default 1)")
+    training.add_argument("--block-size", type=positive_int, default=512,
+                          help="tokens per training block (default 512)")
     training.add_argument("--lr", type=float, help="learning rate (default: " +
                           ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
     training.add_argument("--lr-schedule", default="linear", help="Transformers scheduler name (default linear)")
@@ -188,13 +212,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--gradient-checkpointing", action="store_true",
                           help="recompute each layer in the backward pass (less memory, ~30%% more compute)")
     training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default 10)")
-    training.add_argument("--save-steps", type=int, help="also write Trainer checkpoints every N steps")
+    training.add_argument("--logging-steps", type=positive_int, default=10,
+                          help="log the loss every N steps (default 10)")
+    training.add_argument("--save-steps", type=positive_int, help="also write Trainer checkpoints every N steps")
     training.add_argument("--checkpoint-dir", metavar="DIR", help="where Trainer checkpoints go "
                           "(default: OUTPUT-checkpoints)")
-    training.add_argument("--data-cache", metavar="DIR", help="where `datasets` keeps processed data (default: its own cache)")
+    training.add_argument("--data-cache", metavar="DIR",
+                          help="where `datasets` keeps processed data (default: its own cache)")
     lora = parser.add_argument_group("LoRA (--train lora)")
-    lora.add_argument("--lora-rank", type=int, default=16)
+    lora.add_argument("--lora-rank", type=positive_int, default=16)
     lora.add_argument("--lora-alpha", type=int, default=32)
     lora.add_argument("--lora-dropout", type=float, default=0.0)
     lora.add_argument("--lora-mlp", action="store_true", help="also adapt the MLP projections")

@@ -38,17 +38,19 @@ def load_base(folder: str | None, tiny_seed: int | None, recipe: dict) -> Base:
     model_type = read_json_object(folder / "config.json", "is it a model folder?").get("model_type")
     if model_type == "mta":
         if recipe:
-            raise FinetuneError(f"{folder} is an MTA model already: the MTA recipe options {sorted(recipe)} apply only to Llama "
-                            "folders (retrofitted on the fly); drop them")
+            raise FinetuneError(f"{folder} is an MTA model already: the MTA recipe options {sorted(recipe)} apply "
+                                "only to Llama folders (retrofitted on the fly); drop them")
         return Base(MTAForCausalLM.from_pretrained(folder, dtype=torch.float32), str(folder), folder)
     if model_type == "llama":
         llama = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        return Base(retrofit_llama(llama, **recipe), f"{folder} (Llama, retrofitted with identity MTA parameters)", folder)
-    raise FinetuneError(f"{folder} holds a {model_type!r} model: expected an MTA folder (`mta convert-llama`) or a Llama folder")
+        description = f"{folder} (Llama, retrofitted with identity MTA parameters)"
+        return Base(retrofit_llama(llama, **recipe), description, folder)
+    raise FinetuneError(f"{folder} holds a {model_type!r} model: expected an MTA folder (`mta convert-llama`) "
+                        "or a Llama folder")
 
 
 def load_tokens(choice: str | None, base: Base):
-    """ByteTokens or a folder's tokenizer: `choice` is a folder, "bytes", or None for the base folder's own tokenizer."""
+    """ByteTokens or a folder's tokenizer: `choice` is a folder, "bytes", or None for the base folder's own."""
     if choice == BYTES or (choice is None and base.folder is None):
         tokens = ByteTokens()
     else:

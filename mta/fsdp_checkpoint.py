@@ -28,7 +28,8 @@ def load_sharded_checkpoint(model: torch.nn.Module, checkpoint: str | Path) -> t
     folder = checkpoint / FSDP_MODEL_FOLDER if (checkpoint / FSDP_MODEL_FOLDER).is_dir() else checkpoint
     if not (folder / ".metadata").is_file():
         raise FinetuneError(f"{checkpoint} is not a sharded FSDP checkpoint (no {FSDP_MODEL_FOLDER}/.metadata)")
-    stored = {key.removeprefix(FSDP_MODEL_KEY + ".") for key in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata}
+    metadata = dcp.FileSystemReader(folder).read_metadata()
+    stored = {key.removeprefix(FSDP_MODEL_KEY + ".") for key in metadata.state_dict_metadata}
     state = model.state_dict()
     missing = sorted(set(state) - stored)
     if missing:

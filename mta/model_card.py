@@ -25,21 +25,23 @@ def _architecture(config: MTAConfig) -> str:
 
 
 def _where_mta_acts(config: MTAConfig) -> str:
-    convolutions = [f"pre-softmax {config.kq_conv_size[0]} x {config.kq_conv_size[1]}" if config.kq_conv_size else None,
-                    f"post-softmax {config.kq_conv_post_size[0]} x {config.kq_conv_post_size[1]}"
-                    if config.kq_conv_post_size else None]
-    convolutions = [c for c in convolutions if c]
+    convolutions = [f"{where}-softmax {size[0]} x {size[1]}"
+                    for where, size in (("pre", config.kq_conv_size), ("post", config.kq_conv_post_size)) if size]
     lines = []
     if convolutions and config.mta_layers:
         lines.append(f"- Key-query convolutions ({', '.join(convolutions)}; queries x keys) in layers "
                      f"{', '.join(map(str, config.mta_layers))} (0-based).")
     else:
         lines.append("- No key-query convolution.")
-    every_layer = [f"pre-softmax head mixing in groups of {config.head_mix_size}" if config.head_mix_size else None,
-                   f"post-softmax head mixing in groups of {config.head_mix_post_size}" if config.head_mix_post_size else None,
-                   "group norm" + (" with depth scaling" if config.group_norm_depth_scaling else "") if config.group_norm else None,
-                   f"{config.attn_gate} output gate" if config.attn_gate else None]
-    every_layer = [item for item in every_layer if item]
+    every_layer = []
+    if config.head_mix_size:
+        every_layer.append(f"pre-softmax head mixing in groups of {config.head_mix_size}")
+    if config.head_mix_post_size:
+        every_layer.append(f"post-softmax head mixing in groups of {config.head_mix_post_size}")
+    if config.group_norm:
+        every_layer.append("group norm" + (" with depth scaling" if config.group_norm_depth_scaling else ""))
+    if config.attn_gate:
+        every_layer.append(f"{config.attn_gate} output gate")
     if every_layer:
         lines.append(f"- In every layer: {'; '.join(every_layer)}.")
     return "\n".join(lines)

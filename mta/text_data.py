@@ -78,7 +78,7 @@ def file_kind(paths: list[Path]) -> str:
 
 
 def read_documents(kind: str, paths: list[Path], text_field: str) -> list[str]:
-    """The documents of the files, without `datasets`: what `load_dataset(kind, ...)` would give, column `text_field`."""
+    """The documents of the files, read without `datasets`: the `text_field` column `load_dataset` would give."""
     if kind == "text":
         return [path.read_text(encoding="utf-8") for path in paths]
     documents = []
@@ -122,7 +122,8 @@ def load_blocks(paths, tokens, block_size: int, text_field: str = "text", use_da
         documents = read_documents(kind, paths, field)
         for start in range(0, len(documents), DOCUMENTS_PER_BATCH):
             grouped = cut(tokenize({field: documents[start : start + DOCUMENTS_PER_BATCH]}))
-            blocks.extend({"input_ids": ids, "labels": labels} for ids, labels in zip(grouped["input_ids"], grouped["labels"]))
+            blocks.extend({"input_ids": ids, "labels": labels}
+                          for ids, labels in zip(grouped["input_ids"], grouped["labels"], strict=True))
     if len(blocks) == 0:
         raise FinetuneError(f"{', '.join(map(str, paths))} holds fewer tokens than one block of {block_size}: "
                         "give more text or a smaller --block-size")

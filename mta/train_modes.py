@@ -66,7 +66,8 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
 
 
-def model_from_state_dict(config: MTAConfig, mode: str, lora: LoraOptions, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def model_from_state_dict(config: MTAConfig, mode: str, lora: LoraOptions,
+                          state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """The model `prepare_for_training(MTAForCausalLM(config), mode, lora)` holding `state_dict`'s tensors (not copies).
 
     This is how one process gets a plain model back from a training run whose parameters were

@@ -1,4 +1,4 @@
-"""examples/distributed_check.py on the CPU: 2 DDP processes (gloo) follow the 1-process run with the same global batch."""
+"""examples/distributed_check.py on the CPU: 2 DDP processes (gloo) follow 1 process with the same global batch."""
 
 import json
 

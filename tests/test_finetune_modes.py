@@ -56,7 +56,8 @@ def test_lora_trains_the_mta_copies_and_its_adapter_reloads_onto_a_fresh_convers
     model.save_pretrained(tmp_path / "adapter")
 
     convert_llama(tmp_path / "llama", tmp_path / "fresh", **ALL_MTA_OPS)
-    reloaded = PeftModel.from_pretrained(MTAForCausalLM.from_pretrained(tmp_path / "fresh"), tmp_path / "adapter").eval()
+    fresh = MTAForCausalLM.from_pretrained(tmp_path / "fresh")
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():
         expected = model(ids).logits
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-6, rtol=1e-5)
