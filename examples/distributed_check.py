@@ -28,7 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
+
+from modeling_mta import MTAForCausalLM
+from mta.fsdp_checkpoint import load_sharded_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"ddp": REPO / "examples" / "accelerate_ddp.yaml", "fsdp": REPO / "examples" / "accelerate_fsdp.yaml"}
@@ -79,15 +83,10 @@ def weight_difference(folder: Path, reference: Path) -> float:
 
 def reload_check(work: Path, steps: int, train_mode: str) -> dict:
     """The FSDP run's sharded checkpoint, reloaded in this one process, against the folder that run wrote."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from mta.fsdp_checkpoint import load_sharded_checkpoint
-
     folder = work / "fsdp"
-    written = AutoModelForCausalLM.from_pretrained(folder).eval()
+    written = MTAForCausalLM.from_pretrained(folder).eval()
     # A skeleton built as the trained model was (its weights are all replaced by the checkpoint's).
-    skeleton = AutoModelForCausalLM.from_pretrained(folder)
+    skeleton = MTAForCausalLM.from_pretrained(folder)
     if train_mode == "lora":
         skeleton = PeftModel.from_pretrained(skeleton, folder / "adapter")
     reloaded = load_sharded_checkpoint(skeleton, work / "fsdp-checkpoints" / f"checkpoint-{steps}")

@@ -1,11 +1,20 @@
 """examples/distributed_check.py on the CPU: 2 DDP processes (gloo) follow 1 process with the same global batch."""
 
 import json
+import shutil
 
+import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from examples import distributed_check
 from mta import demo
+from mta.fsdp_checkpoint import FSDP_MODEL_FOLDER
+from mta.hub_folder import save_hub_folder
+from mta.train_modes import prepare_for_training
+
+from .tiny import random_mta_model
+from .trainer_helpers import ALL_MTA_OPS
 
 
 def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path):
@@ -27,3 +36,23 @@ def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_pat
         assert ddp["distributed_type"] == "MULTI_CPU" and "fsdp" not in report["runs"]
         assert any("fsdp not run" in note for note in report["notes"])
     assert len(list(out.iterdir())) <= 8
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_the_reload_check_compares_the_checkpoint_with_the_written_folder(tmp_path, mode):
+    """The GPU-only FSDP reload step, fed a checkpoint in the same format written by one process."""
+    torch.manual_seed(0)
+    trained = prepare_for_training(random_mta_model(**ALL_MTA_OPS), mode)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)  # a LoRA update that merging must carry
+    checkpoint = tmp_path / "fsdp-checkpoints" / "checkpoint-3" / FSDP_MODEL_FOLDER
+    dcp.save({"model": trained.state_dict()}, checkpoint_id=checkpoint)
+    save_hub_folder(trained, tmp_path / "fsdp", card="card")
+    assert distributed_check.reload_check(tmp_path, 3, mode)["max_abs_logit_diff"] <= 1e-5
+
+    other = prepare_for_training(random_mta_model(seed=1, **ALL_MTA_OPS), mode)  # other weights must show up
+    shutil.rmtree(checkpoint)
+    dcp.save({"model": other.state_dict()}, checkpoint_id=checkpoint)
+    assert distributed_check.reload_check(tmp_path, 3, mode)["max_abs_logit_diff"] > 1e-3
