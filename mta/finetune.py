@@ -210,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                           help="auto: bf16 mixed precision on a GPU that has it, float32 elsewhere")
     training.add_argument("--gradient-checkpointing", action="store_true",
-                          help="recompute each layer in the backward pass (less memory, ~30%% more compute)")
+                          help="recompute each layer in the backward pass (less memory, more compute)")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--logging-steps", type=positive_int, default=10,
                           help="log the loss every N steps (default 10)")
