@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         worst = 0.0
         for run in logs:
             summary = {k: logs[run][k]
-                       for k in ("world_size", "distributed_type", "parameters_sharded", "bf16", "seconds")}
+                       for k in ("world_size", "distributed_type", "parameters_sharded", "bf16", "seconds",
+                                 "peak_gpu_memory_gib")}
             if run != "one":
                 diffs = [abs(a - b) for a, b in zip(losses[run], losses["one"], strict=True)]
                 summary |= {"max_abs_loss_diff": max(diffs), "mean_abs_loss_diff": sum(diffs) / len(diffs),

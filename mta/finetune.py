@@ -77,6 +77,11 @@ def training_arguments(args: argparse.Namespace, checkpoint_dir: Path) -> Traini
     )
 
 
+def peak_gpu_memory_gib() -> float | None:
+    """This process's peak GPU memory so far (None without CUDA)."""
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
 def training_summary(args: argparse.Namespace, trainer: Trainer, losses: list[dict], seconds: float,
                      tokens_name: str) -> list[str]:
     """Markdown lines for the model card: how the model was trained."""
@@ -142,7 +147,7 @@ def finetune(args: argparse.Namespace, output: Path, checkpoint_dir: Path) -> in
                distributed_type=str(trainer.accelerator.distributed_type.value),
                parameters_sharded=any(isinstance(p, DTensor) for p in trainer.model.parameters()),
                per_device_batch=targs.per_device_train_batch_size, grad_accum=targs.gradient_accumulation_steps,
-               steps=trainer.state.global_step, bf16=targs.bf16)
+               steps=trainer.state.global_step, bf16=targs.bf16, peak_gpu_memory_gib=peak_gpu_memory_gib())
     card = model_card(config, base_model=args.base_name or base.description, tokenizer=tokens.name,
                       training=training_summary(args, trainer, losses, seconds, tokens.name),
                       repo_id=args.push_to_hub, has_adapter=args.train == "lora")
