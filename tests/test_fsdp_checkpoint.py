@@ -1,6 +1,7 @@
 """A checkpoint written by 2 FSDP2 processes (gloo, CPU) reloads into one model in one process."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -54,13 +55,19 @@ WRITER = textwrap.dedent(
 
 def test_a_sharded_fsdp_checkpoint_reloads_into_one_process(tmp_path):
     (tmp_path / "writer.py").write_text(WRITER)
-    result = subprocess.run(
+    # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
+    process = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(tmp_path / "writer.py"), str(tmp_path / "checkpoint-1")],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=120,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, stderr[-3000:]
     assert len(list((tmp_path / "checkpoint-1" / FSDP_MODEL_FOLDER).glob("*.distcp"))) == 2  # one file per process
     expected = torch.load(tmp_path / "checkpoint-1" / "expected.pt")
 
