@@ -20,11 +20,13 @@ from .errors import ConversionError
 PARTIAL_MARK = ".partial-"
 
 
-def check_output_folder(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool) -> None:
-    """Raise ConversionError unless `dst` may receive a conversion of `src`."""
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise ConversionError(f"the output folder {dst} overlaps the source {src}: choose a folder outside it")
+def check_output_folder(src: str | os.PathLike | None, dst: str | os.PathLike, overwrite: bool) -> None:
+    """Raise ConversionError unless `dst` may receive a conversion of `src` (None: output made from nothing on disk)."""
+    dst = Path(dst).resolve()
+    if src is not None:
+        src = Path(src).resolve()
+        if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+            raise ConversionError(f"the output folder {dst} overlaps the source {src}: choose a folder outside it")
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"the output {dst} exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -32,11 +34,11 @@ def check_output_folder(src: str | os.PathLike, dst: str | os.PathLike, overwrit
 
 
 @contextmanager
-def staged_output(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(src: str | os.PathLike | None, dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty hidden folder beside `dst`; when the block completes, it becomes `dst`.
 
     A non-empty `dst` is refused unless `overwrite`, in which case it is replaced only once the
-    new folder is complete. Nothing is ever written inside `src`.
+    new folder is complete. Nothing is ever written inside `src` (None when the output has no source folder).
     """
     check_output_folder(src, dst, overwrite)
     dst = Path(dst).resolve()

@@ -614,6 +614,11 @@ def mta_attention_fused(
     if gap is not None:
         raise ValueError(f"the fused MTA kernel does not cover {gap}")
     device = q.device
+    if torch.is_autocast_enabled(device.type):
+        # Under autocast (bf16 mixed-precision training) q and k leave RoPE in float32 while v is already in
+        # the autocast dtype; the kernel's products need one dtype, so it runs in the autocast dtype, as SDPA does.
+        dtype = torch.get_autocast_dtype(device.type)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
     start = valid_start.to(device=device, dtype=torch.int32) if valid_start is not None else torch.zeros(batch, dtype=torch.int32, device=device)
     end = valid_end.to(device=device, dtype=torch.int32) if valid_end is not None else torch.full((batch,), n, dtype=torch.int32, device=device)
     return MTAFusedAttention.apply(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, start, end)

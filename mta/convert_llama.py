@@ -8,11 +8,16 @@ from conversion.llama_conversion import NEW_PARAMETER_DTYPES
 from .verify_llama import report_verification
 
 
+def recipe_options(args: argparse.Namespace) -> dict:
+    """The MTA options given on the command line (see `add_recipe_arguments`); the others take RETROFIT_DEFAULTS."""
+    # Options left out are absent from `args` (argparse.SUPPRESS).
+    return {name: getattr(args, name) for name in (*RETROFIT_DEFAULTS, "mta_layers") if hasattr(args, name)}
+
+
 def run(args: argparse.Namespace) -> int:
-    # MTA options left out are absent from `args` (argparse.SUPPRESS) and take RETROFIT_DEFAULTS.
-    options = {name: getattr(args, name) for name in (*RETROFIT_DEFAULTS, "mta_layers") if hasattr(args, name)}
     try:
-        conversion = convert_llama(args.src, args.dst, overwrite=args.overwrite, new_dtype=args.dtype, **options)
+        conversion = convert_llama(args.src, args.dst, overwrite=args.overwrite, new_dtype=args.dtype,
+                                   **recipe_options(args))
     except ConversionError as error:
         print(f"error: {error}")
         return 2
@@ -52,10 +57,9 @@ def _size(value: list[int] | None) -> str:
     return "none" if value is None else "x".join(map(str, value))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the MTA recipe of a retrofitted Llama; `recipe_options` reads them back."""
     d = RETROFIT_DEFAULTS
-    parser.add_argument("src", help="the Llama folder (config.json, safetensors or torch weights, tokenizer)")
-    parser.add_argument("dst", help="the MTA folder to write (must be absent or empty, unless --overwrite)")
     mta = parser.add_argument_group("MTA recipe (defaults: identity-preserving paper recipe)")
     mta.add_argument("--mta-layers", type=layer_list, default=argparse.SUPPRESS, metavar="L1,L2,..",
                      help="layers with key-query convolutions, 0-based (default: every 4th, 2,6,10,...)")
@@ -75,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="with --group-norm, scale by 1 - (0.8 - 0.6 exp(-0.3 layer)) (default on)")
     mta.add_argument("--attn-gate", choices=("scalar", "vector"), default=argparse.SUPPRESS,
                      help="sigmoid output gate: NOT identity, the model then differs from the Llama (default none)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="the Llama folder (config.json, safetensors or torch weights, tokenizer)")
+    parser.add_argument("dst", help="the MTA folder to write (must be absent or empty, unless --overwrite)")
+    add_recipe_arguments(parser)
     parser.add_argument("--dtype", choices=NEW_PARAMETER_DTYPES, help="dtype of the new MTA parameters "
                         "(default: the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (once the new one is complete)")

@@ -147,6 +147,43 @@ def test_model_uses_the_kernel_and_matches_the_reference_with_padding(monkeypatc
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-4, rtol=2e-3, msg=name)
 
 
+# On the CPU, float16: Triton's interpreter gives wrong bf16 results here (the fp32 and fp16 checks above pass).
+AUTOCAST_DTYPE = torch.bfloat16 if CUDA else torch.float16
+
+
+def test_mixed_precision_training_runs_the_kernel_in_the_autocast_dtype(monkeypatch):
+    reference, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2)
+    dtypes = []
+
+    def recording(q, k, v, **kwargs):
+        # Under autocast q and k leave RoPE in float32 while v leaves v_proj in the autocast dtype
+        # (transformers 5.17's cache, which it also makes in training, casts v back to float32).
+        dtypes.append((q.dtype, v.dtype))
+        return mta_triton.mta_attention_fused(q, k, v, **kwargs)
+
+    monkeypatch.setattr(modeling_mta.modeling_mta, "mta_attention_fused", recording)
+    ids = torch.randint(0, 61, (2, 16), device=DEVICE)
+
+    def loss_and_grads(model, autocast):
+        model.zero_grad()
+        with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE, enabled=autocast):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    exact_loss, exact = loss_and_grads(reference, autocast=False)
+    mixed_loss, mixed = loss_and_grads(reference, autocast=True)
+    fused_loss, got = loss_and_grads(fused, autocast=True)
+    assert dtypes and {q for q, _ in dtypes} == {torch.float32}
+    # As close to the float32 result as the reference attention under the same autocast.
+    assert abs(fused_loss - exact_loss) <= 2 * abs(mixed_loss - exact_loss) + 1e-3
+    for name in exact:
+        assert got[name].dtype == torch.float32
+        error = relative_error(got[name], exact[name].double())
+        reference_error = relative_error(mixed[name], exact[name].double())
+        assert error <= 2 * reference_error + 1e-3, (name, error, reference_error)
+
+
 def test_fused_mode_refuses_what_the_kernel_does_not_cover():
     _, fused = model_pair(kq_conv_size=[3, 5], kq_conv_post_size=[2, 3])
     with pytest.raises(ValueError, match="post-softmax key-query convolution"):
