@@ -75,6 +75,16 @@ def fused_coverage_gap(
 
 
 @triton.jit
+def _program(start_ptr, end_ptr, H):
+    """This program's block index, its (batch * heads) index in int64 (offsets may pass 2**31),
+    batch row, head, and the row's range of real tokens."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    return pid, bh, b, bh % H, tl.load(start_ptr + b), tl.load(end_ptr + b)
+
+
+@triton.jit
 def _khat_kernel(
     k_ptr, theta_ptr, khat_ptr, start_ptr, end_ptr,
     stride_kb, stride_kh, stride_kn,
@@ -82,10 +92,7 @@ def _khat_kernel(
     C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
     """khat[b, h, a, j] = sum_b' theta[h, a, b'] k[j - PAD + b'] (k zero outside the real tokens)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
@@ -108,10 +115,7 @@ def _band_scores_kernel(
     WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
     """band[b, h, w, i] = q~[i] . k[i + w - (WB - 1)]: the scores on and just below the diagonal."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
     row_ok = (rows >= start) & (rows < end)
@@ -133,11 +137,8 @@ def _band_scores_bwd_kernel(
     WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
     """Adds the band scores' gradients to dq (B, H, N, d) and dk (B, H_kv, N, d), both float32."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
     kvh = h // GQA
-    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
     row_ok = (rows >= start) & (rows < end)
@@ -223,10 +224,7 @@ def _mta_fwd_kernel(
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
     rows = pid * BM + tl.arange(0, BM)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
@@ -285,11 +283,8 @@ def _mta_bwd_dkdv_kernel(
     C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One key block of one source head: gradients of the group's values, and of k and theta."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
     kvh = h // GQA
-    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
     cols = pid * BN + tl.arange(0, BN)
     d = tl.arange(0, D)
     c = tl.arange(0, C_H * D)
@@ -361,10 +356,7 @@ def _mta_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block of one source head: the gradient of q, and the stripe's share of dC."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    start, end = tl.load(start_ptr + b), tl.load(end_ptr + b)
+    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
     rows = pid * BM + tl.arange(0, BM)
     row_in = rows < N
     d = tl.arange(0, D)
