@@ -4,6 +4,8 @@ Without CUDA the kernels run in Triton's interpreter on tiny shapes; with CUDA t
 on realistic shapes in bf16, fp16 and fp32.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -41,7 +43,11 @@ def check_against_reference(
         return (spread * torch.randn(*shape, generator=generator, device=DEVICE)).to(dtype).requires_grad_()
 
     q, k, v = rand(batch, heads, n, head_dim), rand(batch, kv_heads, n, head_dim), rand(batch, kv_heads, n, head_dim)
-    theta = rand(heads, 1, *size, spread=0.5) if size else None
+    # Random kernel weights with a norm of 1.5 (the identity's is 1) leave the convolved scores about as
+    # large as plain ones. A fixed spread per weight would grow them with the kernel's area (a 0.5 spread
+    # makes 8 x 15 scores 5.5 times larger), and half precision cannot evaluate so sharp a softmax to the
+    # tolerances: its errors scale with the scores, whatever the implementation.
+    theta = rand(heads, 1, *size, spread=1.5 / math.prod(size) ** 0.5) if size else None
     mix = rand(heads // group, group, group, spread=0.7) if group else None
     starts = torch.tensor(starts if starts is not None else [0] * batch, device=DEVICE)
     ends = torch.tensor(ends if ends is not None else [n] * batch, device=DEVICE)
@@ -64,6 +70,7 @@ def check_against_reference(
     tolerance = TOLERANCE[dtype]
     names = ["out", "dq", "dk", "dv"] + (["dtheta"] if theta is not None else []) + (["dmix"] if mix is not None else [])
     errors = dict(zip(names, [relative_error(out, ref)] + [relative_error(g, r) for g, r in zip(grads, ref_grads)]))
+    print(f"relative errors ({dtype}): " + ", ".join(f"{name} {e:.2e}" for name, e in errors.items()))
     assert all(e <= tolerance for e in errors.values()), errors
     return errors
 
