@@ -32,7 +32,7 @@ from .configuration_mta import MTAConfig
 from .mta_reference import depth_scale, group_norm, key_padding_left, mta_attention
 
 try:
-    from .mta_triton import fused_coverage_gap, mta_attention_fused
+    from .mta_triton import document_segments, fused_coverage_gap, mta_attention_fused, row_segments
 except ImportError:  # no Triton: the reference attention serves everywhere
     mta_attention_fused = None
 
@@ -171,17 +171,18 @@ class AttentionLayout:
     nothing as a query (spec section 2). A 4-D mask (what compiled static caches pass) is taken as
     given: bool True, or float 0, = visible.
 
-    Packed rows (no mask, no cache, `position_ids` restarting inside a row, as transformers'
-    DataCollatorWithFlattening makes them) hold several documents: `documents` lists their spans,
-    and attention runs on each document alone, so neither attention nor convolution crosses them.
+    Packed rows (no mask, no cache, `position_ids` not going up somewhere inside a row, or flash
+    attention's `cu_seq_lens_q`, as transformers' DataCollatorWithFlattening makes them) hold several
+    documents: attention runs on each document alone, so neither attention nor convolution crosses them.
 
-    The reference attention reads the boolean map (`visible`); the fused kernel reads one valid
-    token range per row (`valid_ranges`), which exists when padding is only on the left and/or right.
-    All are built on first use, once per call.
+    The reference attention reads the boolean map (`visible`), or runs per document (`documents`); the
+    fused kernel reads each token's span (`segments`), which exists for packed rows and for padding
+    only on the left and/or right. All are built on first use, once per call.
     """
 
     def __init__(
-        self, attention_mask, batch, query_len, past_len, history, device, output_attentions=False, position_ids=None
+        self, attention_mask, batch, query_len, past_len, history, device, output_attentions=False, position_ids=None,
+        cu_seq_lens=None,
     ):
         key_len = past_len + query_len
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (batch, key_len):
@@ -196,9 +197,10 @@ class AttentionLayout:
         self.device = device
         self.output_attentions = output_attentions
         self.position_ids = position_ids
+        self.cu_seq_lens = cu_seq_lens
         self._visible = None
-        self._ranges = None
-        self._documents = None
+        self._segments = None
+        self._begins = None
 
     def visible(self) -> torch.Tensor:
         """Boolean (B, 1, history + query_len, past_len + query_len)."""
@@ -219,39 +221,58 @@ class AttentionLayout:
         valid = mask.bool()
         return visible & valid[:, None, None, :] & valid[:, None, self.past_len - self.history :, None]
 
+    def document_begins(self) -> torch.Tensor | None:
+        """(B, N) bool, True where a document begins; None unless the rows are packed."""
+        if self._begins is None:
+            self._begins = (self._build_begins(),)
+        return self._begins[0]
+
+    def _build_begins(self):
+        if self.attention_mask is not None or self.past_len:
+            return None
+        if self.cu_seq_lens is not None:
+            if self.batch != 1 or int(self.cu_seq_lens[-1]) != self.query_len:
+                raise ValueError(
+                    f"cu_seq_lens_q {self.cu_seq_lens.tolist()} must end at the sequence length {self.query_len} "
+                    f"of a single packed row (batch {self.batch})"
+                )
+            begins = torch.zeros(1, self.query_len, dtype=torch.bool, device=self.device)
+            begins[0, self.cu_seq_lens[:-1].to(self.device)] = True
+        elif self.position_ids is not None:
+            positions = self.position_ids.expand(self.batch, -1)
+            begins = torch.ones_like(positions, dtype=torch.bool)
+            begins[:, 1:] = positions[:, 1:] <= positions[:, :-1]  # a position that does not go up starts a document
+        else:
+            return None
+        return begins if bool(begins[:, 1:].any()) else None
+
     def documents(self) -> list[list[tuple[int, int]]] | None:
         """Per row, the [start, end) spans of its documents; None unless the rows are packed."""
-        if self._documents is None:
-            self._documents = (self._build_documents(),)
-        return self._documents[0]
-
-    def _build_documents(self):
-        if self.attention_mask is not None or self.past_len or self.position_ids is None:
-            return None
-        positions = self.position_ids.expand(self.batch, -1)
-        starts = torch.ones_like(positions, dtype=torch.bool)
-        starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]  # a position that does not go up starts a document
-        if not bool(starts[:, 1:].any()):
+        begins = self.document_begins()
+        if begins is None:
             return None
         rows = []
-        for row in starts.cpu().tolist():
-            begins = [t for t, begin in enumerate(row) if begin]
-            rows.append(list(zip(begins, begins[1:] + [self.query_len])))
+        for row in begins.cpu().tolist():
+            starts = [t for t, begin in enumerate(row) if begin]
+            rows.append(list(zip(starts, starts[1:] + [self.query_len])))
         return rows
 
-    def valid_ranges(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per row, the [start, end) of its real tokens, or None if the mask is not of that form."""
-        if self._ranges is None:
-            self._ranges = (self._build_ranges(),)
-        return self._ranges[0]
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per token, the [start, end) of its span (its document, or its row's real tokens): two (B, N)
+        int32 tensors, None if the mask is not of that form or a cache is in use."""
+        if self._segments is None:
+            self._segments = (self._build_segments(),)
+        return self._segments[0]
 
-    def _build_ranges(self):
-        if self.past_len or self.history or self.documents() is not None:
+    def _build_segments(self):
+        if self.past_len or self.history:
             return None
+        if self.document_begins() is not None:
+            return document_segments(self.document_begins())
         mask = self.attention_mask
         if mask is None:
             zeros = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
-            return zeros, zeros + self.query_len
+            return row_segments(zeros, zeros + self.query_len, self.query_len)
         if mask.dim() != 2:
             return None
         valid = mask.bool()
@@ -262,7 +283,7 @@ class AttentionLayout:
         ranged = (positions >= start[:, None]) & (positions < (start + count)[:, None])
         if not bool((ranged == valid).all()):
             return None
-        return start.int(), (start + count).int()
+        return row_segments(start, start + count, self.query_len)
 
 
 class MTAAttention(nn.Module):
@@ -308,8 +329,8 @@ class MTAAttention(nn.Module):
             all_queries = cache.update_queries(query, self.layer_idx)
             query = all_queries[:, :, all_queries.shape[2] - (history + seq_len) :]
 
-        ranges = self.fused_ranges(query, layout)
-        if ranges is not None:
+        segments = self.fused_segments(query, layout)
+        if segments is not None:
             output = mta_attention_fused(
                 query,
                 key,
@@ -317,8 +338,7 @@ class MTAAttention(nn.Module):
                 kq_conv_weight=self.kq_conv.weight if self.kq_conv is not None else None,
                 head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
                 key_padding=self.config.key_padding,
-                valid_start=ranges[0],
-                valid_end=ranges[1],
+                segments=segments,
             )
             probs = None
         elif layout.documents() is not None:
@@ -365,8 +385,8 @@ class MTAAttention(nn.Module):
                 probs[b, :, part, part] = p[0]
         return output, probs
 
-    def fused_ranges(self, query: torch.Tensor, layout: AttentionLayout):
-        """The valid token ranges to run the fused kernel with, or None to run the reference.
+    def fused_segments(self, query: torch.Tensor, layout: AttentionLayout):
+        """The token spans (`AttentionLayout.segments`) to run the fused kernel with, or None to run the reference.
 
         `config.mta_kernel`: "reference" never fuses; "auto" fuses CUDA tensors when the kernel covers
         the call; "fused" also fuses CPU tensors (under TRITON_INTERPRET=1, for tests) and raises
@@ -375,16 +395,13 @@ class MTAAttention(nn.Module):
         mode = self.config.mta_kernel
         if mode == "reference" or (mode == "auto" and not query.is_cuda):
             return None
-        ranges = layout.valid_ranges()
         if mta_attention_fused is None:
             gap = "this machine (Triton is not installed)"
         elif layout.output_attentions:
             gap = "output_attentions (it never forms the attention maps)"
         elif layout.past_len:
             gap = "decoding against a cache"
-        elif layout.documents() is not None:
-            gap = "packed sequences"
-        elif ranges is None:
+        elif layout.segments() is None:
             gap = "attention masks other than left/right padding"
         elif self.training and self.attention_dropout:
             gap = "attention dropout"
@@ -398,7 +415,7 @@ class MTAAttention(nn.Module):
                 self.head_mix_post.weight.shape[-1] if self.head_mix_post is not None else None,
             )
         if gap is None:
-            return ranges
+            return layout.segments()
         if mode == "fused":
             raise ValueError(f"mta_kernel='fused', but the fused MTA kernel does not cover {gap}")
         logger.warning_once(f"The fused MTA kernel does not cover {gap}: using the reference attention there.")
@@ -496,7 +513,7 @@ class MTAModel(MTAPreTrainedModel):
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         layout = AttentionLayout(
             attention_mask, batch, query_len, past_len, history, inputs_embeds.device, bool(output_attentions),
-            position_ids,
+            position_ids, kwargs.get("cu_seq_lens_q"),
         )
 
         hidden_states = inputs_embeds

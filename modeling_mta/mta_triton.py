@@ -70,37 +70,56 @@ def fused_coverage_gap(
 
 # --------------------------------------------------------------------------------------------
 # Kernels. Layout: q (B, H, N, d), k and v (B, H_kv, N, d), last dimension contiguous; query head
-# h reads key/value head h // GQA. Token t of row b is real iff start[b] <= t < end[b].
+# h reads key/value head h // GQA. Token t of row b belongs to the segment [start, end) =
+# (seg_start[b, t], seg_end[b, t]) and is real iff start <= t < end: a query sees the keys of its
+# segment up to itself, and the convolution reads nothing outside it. A segment is a row's real
+# tokens between left and right padding, or one document of a packed row.
 # Offsets that can exceed 2**31 are built from int64 program ids.
 
 
 @triton.jit
-def _program(start_ptr, end_ptr, H):
+def _program(H):
     """This program's block index, its (batch * heads) index in int64 (offsets may pass 2**31),
-    batch row, head, and the row's range of real tokens."""
+    batch row and head."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    return pid, bh, b, bh % H, tl.load(start_ptr + b), tl.load(end_ptr + b)
+    return pid, bh, bh // H, bh % H
+
+
+@triton.jit
+def _segments(seg_start_ptr, seg_end_ptr, b, tokens, N):
+    """The segments [start, end) of `tokens` in row b; an empty one for positions outside the row."""
+    inside = (tokens >= 0) & (tokens < N)
+    return (tl.load(seg_start_ptr + b * N + tokens, mask=inside, other=0),
+            tl.load(seg_end_ptr + b * N + tokens, mask=inside, other=0))
+
+
+@triton.jit
+def _key_range(rows, rs, re, N, BN: tl.constexpr):
+    """The key blocks [lo, hi) that the real rows among `rows` can see."""
+    real = (rows >= rs) & (rows < re)
+    lo = tl.min(tl.where(real, rs, N), axis=0) // BN * BN
+    return lo, tl.max(tl.where(real, rows + 1, 0), axis=0)
 
 
 @triton.jit
 def _khat_kernel(
-    k_ptr, theta_ptr, khat_ptr, start_ptr, end_ptr,
+    k_ptr, theta_ptr, khat_ptr, seg_start_ptr, seg_end_ptr,
     stride_kb, stride_kh, stride_kn,
     N, H, GQA,
     C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
-    """khat[b, h, a, j] = sum_b' theta[h, a, b'] k[j - PAD + b'] (k zero outside the real tokens)."""
-    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
+    """khat[b, h, a, j] = sum_b' theta[h, a, b'] k[j - PAD + b'] (k zero outside j's segment)."""
+    pid, bh, b, h = _program(H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
     cols = tl.arange(0, D)
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
     for a in tl.static_range(C_Q):
         acc = tl.zeros([BLOCK, D], dtype=tl.float32)
         for t in tl.static_range(C_K):
             src = rows - PAD + t
-            ok = (src >= start) & (src < end)
+            ok = (src >= rs) & (src < re)
             kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
             acc += tl.load(theta_ptr + (h * C_Q + a) * C_K + t) * kt.to(tl.float32)
         out = khat_ptr + ((bh * C_Q + a) * N + rows[:, None]) * D + cols[None, :]
@@ -109,39 +128,41 @@ def _khat_kernel(
 
 @triton.jit
 def _band_scores_kernel(
-    q_ptr, k_ptr, band_ptr, start_ptr, end_ptr,
+    q_ptr, k_ptr, band_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     N, H, GQA, scale,
     WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
     """band[b, h, w, i] = q~[i] . k[i + w - (WB - 1)]: the scores on and just below the diagonal."""
-    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
+    pid, bh, b, h = _program(H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
-    row_ok = (rows >= start) & (rows < end)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
+    row_ok = (rows >= rs) & (rows < re)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + cols[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * scale
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
     for w in tl.static_range(WB):
         src = rows + w - (WB - 1)
-        ok = (src >= start) & (src < end)
+        ok = (src >= rs) & (src < re)
         kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
         tl.store(band_ptr + (bh * WB + w) * N + rows, tl.sum(q * kt.to(tl.float32), axis=1), mask=rows < N)
 
 
 @triton.jit
 def _band_scores_bwd_kernel(
-    q_ptr, k_ptr, dband_ptr, dq_ptr, dk_ptr, start_ptr, end_ptr,
+    q_ptr, k_ptr, dband_ptr, dq_ptr, dk_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     N, H, H_KV, GQA, scale,
     WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):
     """Adds the band scores' gradients to dq (B, H, N, d) and dk (B, H_kv, N, d), both float32."""
-    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
+    pid, bh, b, h = _program(H)
     kvh = h // GQA
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
-    row_ok = (rows >= start) & (rows < end)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
+    row_ok = (rows >= rs) & (rows < re)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     dq = tl.zeros([BLOCK, D], dtype=tl.float32)
@@ -150,13 +171,13 @@ def _band_scores_bwd_kernel(
         delta = w - (WB - 1)
         # dq~[i] += dband[w, i] k[i + delta]
         src = rows + delta
-        ok = (src >= start) & (src < end)
+        ok = (src >= rs) & (src < re)
         kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
         g = tl.load(dband_ptr + (bh * WB + w) * N + rows, mask=row_ok, other=0.0)
         dq += g[:, None] * kt.to(tl.float32)
-        # dk[j] += dband[w, j - delta] q~[j - delta]
+        # dk[j] += dband[w, j - delta] q~[j - delta]: query j - delta of j's segment
         src = rows - delta
-        ok = (src >= start) & (src < end)
+        ok = (src >= rs) & (src < re)
         qt = tl.load(q_base + src[:, None] * stride_qn + cols[None, :], mask=ok[:, None], other=0.0)
         g = tl.load(dband_ptr + (bh * WB + w) * N + src, mask=ok, other=0.0)
         dk += g[:, None] * (qt.to(tl.float32) * scale)
@@ -167,18 +188,19 @@ def _band_scores_bwd_kernel(
 
 @triton.jit
 def _scores_tile(
-    q_base, k_base, khat_base, cband_base, rows, cols, start, end,
+    q_base, k_base, khat_base, cband_base, rows, cols, rs, re,
     stride_qn, stride_kn, N, scale,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Scores of one (rows x cols) tile after the key-query convolution (before any mask)."""
+    """Scores of one (rows x cols) tile after the key-query convolution (before any mask); rs, re are
+    the rows' segments."""
     d = tl.arange(0, D)
     if HAS_CONV:
         s = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
         for a in tl.static_range(C_Q):
             src = rows - (C_Q - 1) + a
-            ok = (src >= start) & (src < end)
+            ok = (src >= rs) & (src < re)
             qa = tl.load(q_base + src[:, None] * stride_qn + d[None, :], mask=ok[:, None], other=0.0)
             kh = tl.load(khat_base + (a * N + cols[:, None]) * D + d[None, :], mask=(cols < N)[:, None], other=0.0)
             s += tl.dot(qa, tl.trans(kh), input_precision=DOT_PRECISION)
@@ -189,7 +211,7 @@ def _scores_tile(
             exact = tl.load(cband_base + t * N + rows[:, None], mask=in_stripe, other=0.0)
             s = tl.where(in_stripe, exact, s)
     else:
-        row_ok = (rows >= start) & (rows < end)
+        row_ok = (rows >= rs) & (rows < re)
         qt = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
         kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=(cols < N)[:, None], other=0.0)
         s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION) * scale
@@ -197,9 +219,9 @@ def _scores_tile(
 
 
 @triton.jit
-def _visible(rows, cols, start, end):
-    row_ok = (rows >= start) & (rows < end)
-    return (cols[None, :] <= rows[:, None]) & (cols >= start)[None, :] & row_ok[:, None]
+def _visible(rows, cols, rs, re):
+    row_ok = (rows >= rs) & (rows < re)
+    return (cols[None, :] <= rows[:, None]) & (cols[None, :] >= rs[:, None]) & row_ok[:, None]
 
 
 @triton.jit
@@ -218,14 +240,15 @@ def _group_values_ptrs(v_ptr, b, g, cols, stride_vb, stride_vh, stride_vn, GQA, 
 
 @triton.jit
 def _mta_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, start_ptr, end_ptr,
+    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, GQA, scale,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
+    pid, bh, b, h = _program(H)
     rows = pid * BM + tl.arange(0, BM)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
     khat_base = khat_ptr + bh * C_Q * N * D
@@ -234,13 +257,12 @@ def _mta_fwd_kernel(
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, C_H * D], dtype=tl.float32)
-    lo = (start // BN) * BN
-    hi = tl.minimum((pid + 1) * BM, end)
+    lo, hi = _key_range(rows, rs, re, N, BN)
     for n0 in range(lo, hi, BN):
         cols = n0 + tl.arange(0, BN)
-        s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, start, end, stride_qn, stride_kn,
+        s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, rs, re, stride_qn, stride_kn,
                          N, scale, HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
-        s = tl.where(_visible(rows, cols, start, end), s, float("-inf"))
+        s = tl.where(_visible(rows, cols, rs, re), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = tl.exp(s - m_safe[:, None])
@@ -260,15 +282,15 @@ def _mta_fwd_kernel(
 
 @triton.jit
 def _probs_and_dscores(
-    q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols, start, end,
+    q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols, rs, re,
     stride_qn, stride_kn, N, scale,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Recomputed probabilities P of a tile, and dC = P * (dZ V^T - delta), the scores' gradient."""
-    s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, start, end, stride_qn, stride_kn,
+    s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, rs, re, stride_qn, stride_kn,
                      N, scale, HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
-    p = tl.where(_visible(rows, cols, start, end), tl.exp(s - lse[:, None]), 0.0)
+    p = tl.where(_visible(rows, cols, rs, re), tl.exp(s - lse[:, None]), 0.0)
     dp = tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION)
     return p, p * (dp - delta[:, None])
 
@@ -276,16 +298,18 @@ def _probs_and_dscores(
 @triton.jit
 def _mta_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, theta_ptr, dz_ptr, lse_ptr, delta_ptr,
-    dk_ptr, dv_ptr, dtheta_ptr, start_ptr, end_ptr,
+    dk_ptr, dv_ptr, dtheta_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, H_KV, GQA, scale,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
     C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One key block of one source head: gradients of the group's values, and of k and theta."""
-    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
+    pid, bh, b, h = _program(H)
     kvh = h // GQA
     cols = pid * BN + tl.arange(0, BN)
+    cs, ce = _segments(seg_start_ptr, seg_end_ptr, b, cols, N)
+    col_ok = (cols >= cs) & (cols < ce)
     d = tl.arange(0, D)
     c = tl.arange(0, C_H * D)
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -299,15 +323,16 @@ def _mta_bwd_dkdv_kernel(
     dkhat = ()  # with the convolution: d C / d khat_a for each query shift a; without (C_Q = 1): d C / d k
     for a in tl.static_range(C_Q):
         dkhat = dkhat + (tl.zeros([BN, D], dtype=tl.float32),)
-    lo = tl.maximum((pid * BN) // BM * BM, (start // BM) * BM)
-    for m0 in range(lo, end, BM):
+    # The queries that see key j are j .. (end of j's segment) - 1.
+    for m0 in range((pid * BN) // BM * BM, tl.max(tl.where(col_ok, ce, 0), axis=0), BM):
         rows = m0 + tl.arange(0, BM)
+        rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
         row_ok = rows < N
         dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + bh * N + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * N + rows, mask=row_ok, other=0.0)
         p, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
-                                   start, end, stride_qn, stride_kn, N, scale, HAS_CONV, C_Q, STRIPE, D,
+                                   rs, re, stride_qn, stride_kn, N, scale, HAS_CONV, C_Q, STRIPE, D,
                                    DOT_PRECISION)
         dvalues += tl.dot(tl.trans(p.to(dz.dtype)), dz, input_precision=DOT_PRECISION)
         if HAS_CONV:
@@ -317,16 +342,15 @@ def _mta_bwd_dkdv_kernel(
             updated = ()
             for a in tl.static_range(C_Q):
                 src = rows - (C_Q - 1) + a
-                ok = (src >= start) & (src < end)
+                ok = (src >= rs) & (src < re)
                 qa = tl.load(q_base + src[:, None] * stride_qn + d[None, :], mask=ok[:, None], other=0.0)
                 updated = updated + (dkhat[a] + tl.dot(tl.trans(ds), qa, input_precision=DOT_PRECISION),)
             dkhat = updated
         else:
-            row_ok = (rows >= start) & (rows < end)
+            row_ok = (rows >= rs) & (rows < re)
             qt = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
             dkhat = (dkhat[0] + tl.dot(tl.trans(ds.to(dz.dtype)), qt, input_precision=DOT_PRECISION),)
 
-    col_ok = (cols >= start) & (cols < end)
     dv_ptrs = dv_ptr + (b * H_KV * N + cols[:, None]) * D + ((h // C_H * C_H + c // D) // GQA)[None, :] * N * D \
         + (c % D)[None, :]
     tl.atomic_add(dv_ptrs, dvalues, mask=col_ok[:, None])
@@ -335,7 +359,7 @@ def _mta_bwd_dkdv_kernel(
         # khat_a[j] = sum_t theta[a, t] k[j - PAD + t]: send each khat gradient back through the kernel.
         for t in tl.static_range(C_K):
             dst = cols - PAD + t
-            ok = (dst >= start) & (dst < end) & col_ok
+            ok = (dst >= cs) & (dst < ce) & col_ok
             kt = tl.load(k_base + dst[:, None] * stride_kn + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             dk_t = tl.zeros([BN, D], dtype=tl.float32)
             for a in tl.static_range(C_Q):
@@ -349,15 +373,16 @@ def _mta_bwd_dkdv_kernel(
 
 @triton.jit
 def _mta_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, delta_ptr, dq_ptr, dcband_ptr, start_ptr, end_ptr,
+    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, delta_ptr, dq_ptr, dcband_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, GQA, scale,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block of one source head: the gradient of q, and the stripe's share of dC."""
-    pid, bh, b, h, start, end = _program(start_ptr, end_ptr, H)
+    pid, bh, b, h = _program(H)
     rows = pid * BM + tl.arange(0, BM)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
     row_in = rows < N
     d = tl.arange(0, D)
     c = tl.arange(0, C_H * D)
@@ -372,14 +397,13 @@ def _mta_bwd_dq_kernel(
     dq = ()  # one accumulator per query shift a (C_Q is 1 without the convolution)
     for a in tl.static_range(C_Q):
         dq = dq + (tl.zeros([BM, D], dtype=tl.float32),)
-    lo = (start // BN) * BN
-    hi = tl.minimum((pid + 1) * BM, end)
+    lo, hi = _key_range(rows, rs, re, N, BN)
     for n0 in range(lo, hi, BN):
         cols = n0 + tl.arange(0, BN)
         values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
                          mask=(cols < N)[:, None], other=0.0)
         p, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
-                                   start, end, stride_qn, stride_kn, N, scale, HAS_CONV, C_Q, STRIPE, D,
+                                   rs, re, stride_qn, stride_kn, N, scale, HAS_CONV, C_Q, STRIPE, D,
                                    DOT_PRECISION)
         if HAS_CONV:
             if STRIPE > 0:
@@ -402,7 +426,7 @@ def _mta_bwd_dq_kernel(
     for a in tl.static_range(C_Q):
         # Query shift a of row i is the query at i - (C_Q - 1) + a.
         dst = rows - (C_Q - 1 - a)
-        ok = (dst >= start) & (dst < end)
+        ok = (dst >= rs) & (dst < re)
         tl.atomic_add(dq_base + dst[:, None] * D + d[None, :], dq[a] * scale, mask=ok[:, None])
 
 
@@ -410,23 +434,25 @@ def _mta_bwd_dq_kernel(
 # Host side.
 
 
-def sheared_band_kernel(theta: torch.Tensor) -> torch.Tensor:
-    """theta (H, 1, c_q, c_k) laid out for the band convolution: K'[c_q - 1 - a + t, a] = theta[a, t]."""
-    c_q = theta.shape[-2]
-    columns = [F.pad(theta[:, :, a, :], (c_q - 1 - a, a)) for a in range(c_q)]
-    return torch.stack(columns, dim=-1)
-
-
-def stripe_scores(band: torch.Tensor, theta: torch.Tensor, stripe: int) -> torch.Tensor:
+def stripe_scores(band: torch.Tensor, theta: torch.Tensor, stripe: int, seg_start: torch.Tensor) -> torch.Tensor:
     """Exact convolved scores C[i, i - stripe + 1 + t] for t < stripe, from the band scores: (B, H, stripe, N).
 
     Row w of the band holds S[i', i' + w - (W - 1)], W = c_q + c_k - 2 (row W - 1 is the diagonal). The
-    window of stripe entry (t, i) at kernel tap (a, b) is S[i - (c_q - 1) + a, i - stripe + 1 + t - p + b],
-    i.e. band row t + b - a + c_q - 1: rows from W on lie above the diagonal and count as zero.
+    window of stripe entry (t, i) at kernel tap (a, b) reads query i - s, s = c_q - 1 - a, and key
+    i - stripe + 1 + t - p + b: band row t + b + s of column i - s. Rows from W on lie above the diagonal
+    and count as zero, and so does a query before the start of i's segment (an earlier document's).
     """
-    c_q = theta.shape[-2]
-    padded = F.pad(band, (c_q - 1, 0, 0, stripe))
-    return F.conv2d(padded, sheared_band_kernel(theta.float()), groups=band.shape[1])
+    c_q, c_k = theta.shape[-2:]
+    width, n = band.shape[-2:]
+    positions = torch.arange(n, device=band.device)
+    scores = 0
+    for a in range(c_q):
+        s = c_q - 1 - a
+        # Rows s, s + 1, ... of column i - s become rows 0, 1, ... of column i.
+        shifted = F.pad(band, (s, -s, -s, stripe + c_k - 1 - width + s))
+        shifted = shifted * (positions - s >= seg_start)[:, None, None, :]
+        scores = scores + F.conv2d(shifted, theta[:, :, a, :, None].float(), groups=band.shape[1])
+    return scores
 
 
 def _output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -457,7 +483,7 @@ def _blocks(head_dim: int, c_q: int, c_h: int, element_size: int) -> tuple[int, 
 
 class MTAFusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, theta, mix, key_padding, start, end):
+    def forward(ctx, q, k, v, theta, mix, key_padding, seg_start, seg_end):
         batch, heads, n, head_dim = q.shape
         kv_heads = k.shape[1]
         has_conv = theta is not None
@@ -471,24 +497,24 @@ class MTAFusedAttention(torch.autograd.Function):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         theta32 = theta.float().contiguous() if has_conv else q.new_zeros(1, dtype=torch.float32)
 
-        khat, cband = _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, start, end, scale)
+        khat, cband = _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, seg_start, seg_end, scale)
         z = _output((batch, heads, n, c_h * head_dim), q)
         lse = _output((batch, heads, n), q, torch.float32)
         _mta_fwd_kernel[_grid(n, bm, batch * heads)](
-            q, k, v, khat, cband, z, lse, start, end,
+            q, k, v, khat, cband, z, lse, seg_start, seg_end,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             n, heads, heads // kv_heads, scale,
             HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
             DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
         )
-        ctx.save_for_backward(q, k, v, theta, mix, z, lse, start, end)
+        ctx.save_for_backward(q, k, v, theta, mix, z, lse, seg_start, seg_end)
         ctx.config = (has_conv, c_q, c_k, pad, stripe, c_h, scale, bm, bn, warps, stages, dot_precision)
         return mix_heads(z, mix) if mix is not None else z
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, theta, mix, z, lse, start, end = ctx.saved_tensors
+        q, k, v, theta, mix, z, lse, seg_start, seg_end = ctx.saved_tensors
         has_conv, c_q, c_k, pad, stripe, c_h, scale, bm, bn, warps, stages, dot_precision = ctx.config
         batch, heads, n, head_dim = q.shape
         kv_heads = k.shape[1]
@@ -501,7 +527,7 @@ class MTAFusedAttention(torch.autograd.Function):
         dz = dz.to(q.dtype).contiguous()
         theta32 = theta.float().contiguous() if has_conv else q.new_zeros(1, dtype=torch.float32)
 
-        khat, cband = _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, start, end, scale)
+        khat, cband = _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, seg_start, seg_end, scale)
         dq = torch.zeros(batch, heads, n, head_dim, device=q.device, dtype=torch.float32)
         dk = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
         dv = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
@@ -510,25 +536,26 @@ class MTAFusedAttention(torch.autograd.Function):
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2))
         _mta_bwd_dkdv_kernel[_grid(n, bn, batch * heads)](
-            q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, start, end, *strides,
+            q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, *strides,
             n, heads, kv_heads, heads // kv_heads, scale,
             HAS_CONV=has_conv, C_Q=c_q, C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
             DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
         )
         _mta_bwd_dq_kernel[_grid(n, bm, batch * heads)](
-            q, k, v, khat, cband, dz, lse, delta, dq, dcband, start, end, *strides,
+            q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, *strides,
             n, heads, heads // kv_heads, scale,
             HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
             DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
         )
         if has_conv and stripe > 0:
-            band = _band_scores(q, k, start, end, c_q + c_k - 2, scale).requires_grad_()
+            band = _band_scores(q, k, seg_start, seg_end, c_q + c_k - 2, scale).requires_grad_()
             with torch.enable_grad():
                 theta_leaf = theta32.detach().requires_grad_()
-                dband, dtheta_band = torch.autograd.grad(stripe_scores(band, theta_leaf, stripe), (band, theta_leaf), dcband)
+                stripe_values = stripe_scores(band, theta_leaf, stripe, seg_start)
+                dband, dtheta_band = torch.autograd.grad(stripe_values, (band, theta_leaf), dcband)
             dtheta += dtheta_band
             _band_scores_bwd_kernel[_grid(n, 64, batch * heads)](
-                q, k, dband.contiguous(), dq, dk, start, end,
+                q, k, dband.contiguous(), dq, dk, seg_start, seg_end,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 n, heads, kv_heads, heads // kv_heads, scale,
                 WB=c_q + c_k - 2, BLOCK=64, D=head_dim,
@@ -537,30 +564,30 @@ class MTAFusedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta, dmix, None, None, None
 
 
-def _band_scores(q, k, start, end, width, scale):
+def _band_scores(q, k, seg_start, seg_end, width, scale):
     batch, heads, n, head_dim = q.shape
     band = _output((batch, heads, width, n), q, torch.float32)
     _band_scores_kernel[_grid(n, 64, batch * heads)](
-        q, k, band, start, end, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q, k, band, seg_start, seg_end, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         n, heads, heads // k.shape[1], scale, WB=width, BLOCK=64, D=head_dim,
     )
     return band
 
 
-def _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, start, end, scale):
+def _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, seg_start, seg_end, scale):
     """khat (B, H, c_q, N, d) and the exact stripe scores (B, H, stripe, N); placeholders without a convolution."""
     batch, heads, n, head_dim = q.shape
     if not has_conv:
         return q.new_zeros(1), q.new_zeros(1, dtype=torch.float32)
     khat = _output((batch, heads, c_q, n, head_dim), q)
     _khat_kernel[_grid(n, 64, batch * heads)](
-        k, theta32, khat, start, end, k.stride(0), k.stride(1), k.stride(2),
+        k, theta32, khat, seg_start, seg_end, k.stride(0), k.stride(1), k.stride(2),
         n, heads, heads // k.shape[1], C_Q=c_q, C_K=c_k, PAD=pad, BLOCK=64, D=head_dim,
     )
     if stripe == 0:
         return khat, q.new_zeros(1, dtype=torch.float32)
-    band = _band_scores(q, k, start, end, c_q + c_k - 2, scale)
-    return khat, stripe_scores(band, theta32, stripe).contiguous()
+    band = _band_scores(q, k, seg_start, seg_end, c_q + c_k - 2, scale)
+    return khat, stripe_scores(band, theta32, stripe, seg_start).contiguous()
 
 
 def mix_heads(z: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
@@ -589,12 +616,14 @@ def mta_attention_fused(
     kq_conv_weight: torch.Tensor | None = None,
     head_mix_post_weight: torch.Tensor | None = None,
     key_padding: str = "both",
-    valid_start: torch.Tensor | None = None,
-    valid_end: torch.Tensor | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal MTA attention core, fused: the output (B, H, N, d) of `mta_reference.mta_attention`.
 
-    Token t of batch row b takes part iff valid_start[b] <= t < valid_end[b] (default: all).
+    `segments` = (seg_start, seg_end), integer tensors (B, N): token t of row b belongs to the span
+    [seg_start[b, t], seg_end[b, t]) and is real iff it lies inside it. Attention and convolution stay
+    inside each span, as if each ran alone: a row's real tokens between padding (`row_segments`), or the
+    documents of a packed row (`document_segments`). Default: each row is one span.
     Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15) and post-softmax head mixing (c_h in 1, 2, 4).
     """
     batch, heads, n, head_dim = q.shape
@@ -606,11 +635,32 @@ def mta_attention_fused(
     if gap is not None:
         raise ValueError(f"the fused MTA kernel does not cover {gap}")
     device = q.device
+    if segments is None:
+        segments = row_segments(torch.zeros(batch, device=device), torch.full((batch,), n, device=device), n)
+    if any(t.shape != (batch, n) for t in segments):
+        raise ValueError(f"segments must be two (batch, seq_len) = ({batch}, {n}) tensors, got "
+                         f"{[tuple(t.shape) for t in segments]}")
+    seg_start, seg_end = (t.to(device=device, dtype=torch.int32).contiguous() for t in segments)
     if torch.is_autocast_enabled(device.type):
         # Under autocast (bf16 mixed-precision training) q and k leave RoPE in float32 while v is already in
         # the autocast dtype; the kernel's products need one dtype, so it runs in the autocast dtype, as SDPA does.
         dtype = torch.get_autocast_dtype(device.type)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-    start = valid_start.to(device=device, dtype=torch.int32) if valid_start is not None else torch.zeros(batch, dtype=torch.int32, device=device)
-    end = valid_end.to(device=device, dtype=torch.int32) if valid_end is not None else torch.full((batch,), n, dtype=torch.int32, device=device)
-    return MTAFusedAttention.apply(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, start, end)
+    return MTAFusedAttention.apply(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, seg_start, seg_end)
+
+
+def row_segments(start: torch.Tensor, end: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments of rows whose real tokens are [start[b], end[b]) (padding around them): every token gets its row's range."""
+    return tuple(t.to(torch.int32)[:, None].expand(-1, n) for t in (start, end))
+
+
+def document_segments(begins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments of packed rows: `begins` (B, N) bool is True where a document starts (always at t = 0)."""
+    n = begins.shape[-1]
+    positions = torch.arange(n, device=begins.device)
+    start = torch.where(begins, positions, 0).cummax(-1).values
+    # A token's document ends where the next one begins: the first begin to its right.
+    begins_next = torch.cat([begins[:, 1:], torch.zeros_like(begins[:, :1])], dim=-1)
+    next_begin = torch.where(begins_next, positions + 1, n)
+    end = next_begin.flip(-1).cummin(-1).values.flip(-1)
+    return start.int(), end.int()
