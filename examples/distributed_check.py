@@ -28,11 +28,15 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
 from modeling_mta import MTAForCausalLM
+from mta.convert_llama import recipe_options
+from mta.finetune import add_arguments as add_finetune_arguments
+from mta.finetune import lora_options
+from mta.finetune_base import load_base
 from mta.fsdp_checkpoint import load_sharded_checkpoint
+from mta.train_modes import prepare_for_training
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"ddp": REPO / "examples" / "accelerate_ddp.yaml", "fsdp": REPO / "examples" / "accelerate_fsdp.yaml"}
@@ -81,21 +85,26 @@ def weight_difference(folder: Path, reference: Path) -> float:
                for k in b)
 
 
-def reload_check(work: Path, steps: int, train_mode: str) -> dict:
+def reload_check(work: Path, steps: int, finetune_args: list[str]) -> dict:
     """The FSDP run's sharded checkpoint, reloaded in this one process, against the folder that run wrote."""
-    folder = work / "fsdp"
-    written = MTAForCausalLM.from_pretrained(folder).eval()
-    # A skeleton built as the trained model was (its weights are all replaced by the checkpoint's).
-    skeleton = MTAForCausalLM.from_pretrained(folder)
-    if train_mode == "lora":
-        skeleton = PeftModel.from_pretrained(skeleton, folder / "adapter")
+    args = finetune_arguments(finetune_args + ["--output", str(work / "fsdp")])
+    written = MTAForCausalLM.from_pretrained(work / "fsdp").eval()
+    # Built as the trained model was, from the same base: a LoRA checkpoint holds the adapter alone.
+    base = load_base(args.model, args.seed if args.tiny else None, recipe_options(args)).model
+    skeleton = prepare_for_training(base, args.train, lora_options(args))
     reloaded = load_sharded_checkpoint(skeleton, work / "fsdp-checkpoints" / f"checkpoint-{steps}")
-    if train_mode == "lora":
+    if args.train == "lora":
         reloaded = reloaded.merge_and_unload()
     ids = torch.randint(0, written.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (reloaded.eval()(ids).logits - written(ids).logits).abs().max().item()
     return {"checkpoint": str(work / "fsdp-checkpoints" / f"checkpoint-{steps}"), "max_abs_logit_diff": diff}
+
+
+def finetune_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_finetune_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def markdown(report: dict) -> str:
@@ -128,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     finetune_args = argv[split + 1 :]
     if args.global_batch % args.processes:
         parser.error(f"--global-batch {args.global_batch} must be a multiple of --processes {args.processes}")
-    train_mode = finetune_args[finetune_args.index("--train") + 1] if "--train" in finetune_args else "mta"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 worst = max(worst, max(diffs))
             report["runs"][run] = summary
         if "fsdp" in runs:
-            report["reload"] = reload_check(work, args.steps, train_mode)
+            report["reload"] = reload_check(work, args.steps, finetune_args)
         report["within_tolerance"] = worst <= args.loss_tolerance
         (out / "distributed_check.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / "distributed_check.md").write_text(markdown(report))

@@ -128,7 +128,7 @@ def finetune(args: argparse.Namespace, output: Path, checkpoint_dir: Path) -> in
         print(f"error: {error}", file=sys.stderr)
         return 2
     config = copy.deepcopy(base.model.config)  # as loaded: the Trainer may change the model's own
-    lora = LoraOptions(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, mlp=args.lora_mlp)
+    lora = lora_options(args)
     model = prepare_for_training(base.model, args.train, lora)
     trainer = Trainer(model=model, args=targs, train_dataset=blocks, data_collator=default_data_collator)
     if trainer.is_world_process_zero():
@@ -137,10 +137,25 @@ def finetune(args: argparse.Namespace, output: Path, checkpoint_dir: Path) -> in
     trainer.train()
     seconds = time.perf_counter() - start
 
-    # Every process takes part in gathering the weights (they may be sharded); the first one writes.
+    # Every process takes part in gathering the weights (they may be sharded); the first one writes. The others
+    # wait for it and all leave the process group together: a process that exits while the first still writes
+    # makes the launcher stop the run, and one that exits with NCCL communicators alive can crash on the way out.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    if not trainer.is_world_process_zero():
-        return 0
+    try:
+        if not trainer.is_world_process_zero():
+            return 0
+        return write_output(args, output, start, seconds, base, tokens, targs, config, lora, trainer, state_dict)
+    finally:
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
+
+
+def lora_options(args: argparse.Namespace) -> LoraOptions:
+    return LoraOptions(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, mlp=args.lora_mlp)
+
+
+def write_output(args, output, start, seconds, base, tokens, targs, config, lora, trainer, state_dict) -> int:
+    """The Hub-ready folder (and its upload where asked), written by the first process."""
     losses = [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")}
               for h in trainer.state.log_history if "loss" in h]
     log = dict(losses=losses, train_mode=args.train, world_size=targs.world_size, seconds=round(seconds, 1),

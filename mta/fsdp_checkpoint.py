@@ -2,14 +2,16 @@
 
 Under FSDP with `fsdp_state_dict_type: SHARDED_STATE_DICT`, each Trainer checkpoint
 (`--save-steps`) holds the model as a `torch.distributed.checkpoint` folder, `pytorch_model_fsdp_0/`,
-whose single entry "model" is the model's state dict, every process writing its own shards. Reading
-it needs no process group: one process reads every shard into a whole model.
+whose single entry "model" is the model's state dict, every process writing its own shards; for a
+PEFT model the Trainer saves the adapter alone (LoRA and the `modules_to_save` copies, as PEFT names
+them). Reading it needs no process group: one process reads every shard into a whole model.
 """
 
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from .finetune_errors import FinetuneError
 
@@ -22,7 +24,8 @@ def load_sharded_checkpoint(model: torch.nn.Module, checkpoint: str | Path) -> t
     """Fill `model` with the weights of a sharded FSDP checkpoint (a `checkpoint-N` folder, or its model folder).
 
     `model` must be built as the trained one was: the same config, and for LoRA the same PEFT wrapping
-    (`mta.train_modes.prepare_for_training`). Every tensor must be in the checkpoint.
+    (`mta.train_modes.prepare_for_training`) of the same base weights when the checkpoint holds the adapter
+    alone. Every tensor must be in the checkpoint.
     """
     checkpoint = Path(checkpoint)
     folder = checkpoint / FSDP_MODEL_FOLDER if (checkpoint / FSDP_MODEL_FOLDER).is_dir() else checkpoint
@@ -30,6 +33,12 @@ def load_sharded_checkpoint(model: torch.nn.Module, checkpoint: str | Path) -> t
         raise FinetuneError(f"{checkpoint} is not a sharded FSDP checkpoint (no {FSDP_MODEL_FOLDER}/.metadata)")
     metadata = dcp.FileSystemReader(folder).read_metadata()
     stored = {key.removeprefix(FSDP_MODEL_KEY + ".") for key in metadata.state_dict_metadata}
+    if isinstance(model, PeftModel):
+        adapter = get_peft_model_state_dict(model)
+        if stored == set(adapter):
+            dcp.load({FSDP_MODEL_KEY: adapter}, checkpoint_id=folder)
+            set_peft_model_state_dict(model, adapter)
+            return model
     state = model.state_dict()
     missing = sorted(set(state) - stored)
     if missing:

@@ -6,18 +6,19 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from peft import get_peft_model_state_dict
 
 from examples import distributed_check
 from mta import demo
+from mta.convert_llama import recipe_options
+from mta.finetune_base import load_base
 from mta.fsdp_checkpoint import FSDP_MODEL_FOLDER
 from mta.hub_folder import save_hub_folder
 from mta.train_modes import prepare_for_training
 
-from .tiny import random_mta_model
-from .trainer_helpers import ALL_MTA_OPS
 
-
-def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path):
+def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU path, also on a GPU machine (GPUs: the command itself)
     (tmp_path / "notes.txt").write_text(demo.TEXT * 6)
     out = tmp_path / "out"
     status = distributed_check.main([
@@ -38,21 +39,32 @@ def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_pat
     assert len(list(out.iterdir())) <= 8
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_the_reload_check_compares_the_checkpoint_with_the_written_folder(tmp_path, mode):
-    """The GPU-only FSDP reload step, fed a checkpoint in the same format written by one process."""
-    torch.manual_seed(0)
-    trained = prepare_for_training(random_mta_model(**ALL_MTA_OPS), mode)
-    with torch.no_grad():
-        for name, param in trained.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)  # a LoRA update that merging must carry
-    checkpoint = tmp_path / "fsdp-checkpoints" / "checkpoint-3" / FSDP_MODEL_FOLDER
-    dcp.save({"model": trained.state_dict()}, checkpoint_id=checkpoint)
-    save_hub_folder(trained, tmp_path / "fsdp", card="card")
-    assert distributed_check.reload_check(tmp_path, 3, mode)["max_abs_logit_diff"] <= 1e-5
+@pytest.mark.parametrize("mode,adapter_only", [("full", False), ("lora", False), ("lora", True)])
+def test_the_reload_check_compares_the_checkpoint_with_the_written_folder(tmp_path, mode, adapter_only):
+    """The GPU-only FSDP reload step, fed a checkpoint in the same format written by one process: the whole
+    state dict, or for a PEFT model the adapter alone (what the Trainer saves under FSDP)."""
+    finetune_args = ["--tiny", "--train", mode, "--data", str(tmp_path / "notes.txt")]
+    args = distributed_check.finetune_arguments(finetune_args + ["--output", str(tmp_path / "fsdp")])
 
-    other = prepare_for_training(random_mta_model(seed=1, **ALL_MTA_OPS), mode)  # other weights must show up
-    shutil.rmtree(checkpoint)
-    dcp.save({"model": other.state_dict()}, checkpoint_id=checkpoint)
-    assert distributed_check.reload_check(tmp_path, 3, mode)["max_abs_logit_diff"] > 1e-3
+    def trained(seed):
+        model = prepare_for_training(load_base(None, args.seed, recipe_options(args)).model, mode)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:  # LoRA's B starts at zero: an update that merging must carry
+                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
+        return model
+
+    def save_checkpoint(model):
+        checkpoint = tmp_path / "fsdp-checkpoints" / "checkpoint-3" / FSDP_MODEL_FOLDER
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        state = get_peft_model_state_dict(model) if adapter_only else model.state_dict()
+        dcp.save({"model": state}, checkpoint_id=checkpoint)
+
+    model = trained(seed=0)
+    save_checkpoint(model)
+    save_hub_folder(model, tmp_path / "fsdp", card="card")
+    assert distributed_check.reload_check(tmp_path, 3, finetune_args)["max_abs_logit_diff"] <= 1e-5
+
+    save_checkpoint(trained(seed=1))  # other weights must show up
+    assert distributed_check.reload_check(tmp_path, 3, finetune_args)["max_abs_logit_diff"] > 1e-3

@@ -59,7 +59,8 @@ def test_a_sharded_fsdp_checkpoint_reloads_into_one_process(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(tmp_path / "writer.py"), str(tmp_path / "checkpoint-1")],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        # CPU processes also on a GPU machine: gloo cannot shard onto the GPUs that FSDP would pick there.
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
