@@ -258,8 +258,8 @@ class AttentionLayout:
         return rows
 
     def segments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per token, the [start, end) of its span (its document, or its row's real tokens): two (B, N)
-        int32 tensors, None if the mask is not of that form or a cache is in use."""
+        """Per token, the [start, end) of its span: its document, as two (B, N) int32 tensors, or its row's
+        real tokens, as two (B, 1); None if the mask is not of that form or a cache is in use."""
         if self._segments is None:
             self._segments = (self._build_segments(),)
         return self._segments[0]
@@ -272,7 +272,7 @@ class AttentionLayout:
         mask = self.attention_mask
         if mask is None:
             zeros = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
-            return row_segments(zeros, zeros + self.query_len, self.query_len)
+            return row_segments(zeros, zeros + self.query_len)
         if mask.dim() != 2:
             return None
         valid = mask.bool()
@@ -283,7 +283,7 @@ class AttentionLayout:
         ranged = (positions >= start[:, None]) & (positions < (start + count)[:, None])
         if not bool((ranged == valid).all()):
             return None
-        return row_segments(start, start + count, self.query_len)
+        return row_segments(start, start + count)
 
 
 class MTAAttention(nn.Module):

@@ -87,11 +87,16 @@ def _program(H):
 
 
 @triton.jit
-def _segments(seg_start_ptr, seg_end_ptr, b, tokens, N):
-    """The segments [start, end) of `tokens` in row b; an empty one for positions outside the row."""
-    inside = (tokens >= 0) & (tokens < N)
-    return (tl.load(seg_start_ptr + b * N + tokens, mask=inside, other=0),
-            tl.load(seg_end_ptr + b * N + tokens, mask=inside, other=0))
+def _segments(seg_start_ptr, seg_end_ptr, b, tokens, N, PACKED: tl.constexpr):
+    """The segments [start, end) of `tokens` in row b: with PACKED one per token (an empty one for positions
+    outside the row), else the row's one segment, splat so that the compiler knows it is the same for all."""
+    if PACKED:
+        inside = (tokens >= 0) & (tokens < N)
+        return (tl.load(seg_start_ptr + b * N + tokens, mask=inside, other=0),
+                tl.load(seg_end_ptr + b * N + tokens, mask=inside, other=0))
+    else:
+        same = tl.zeros_like(tokens)
+        return tl.load(seg_start_ptr + b) + same, tl.load(seg_end_ptr + b) + same
 
 
 @triton.jit
@@ -108,11 +113,12 @@ def _khat_kernel(
     stride_kb, stride_kh, stride_kn,
     N, H, GQA,
     C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """khat[b, h, a, j] = sum_b' theta[h, a, b'] k[j - PAD + b'] (k zero outside j's segment)."""
     pid, bh, b, h = _program(H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
-    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     cols = tl.arange(0, D)
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
     for a in tl.static_range(C_Q):
@@ -131,13 +137,13 @@ def _band_scores_kernel(
     q_ptr, k_ptr, band_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     N, H, GQA, scale,
-    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, PACKED: tl.constexpr,
 ):
     """band[b, h, w, i] = q~[i] . k[i + w - (WB - 1)]: the scores on and just below the diagonal."""
     pid, bh, b, h = _program(H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
-    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     row_ok = (rows >= rs) & (rows < re)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + cols[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * scale
@@ -154,14 +160,14 @@ def _band_scores_bwd_kernel(
     q_ptr, k_ptr, dband_ptr, dq_ptr, dk_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     N, H, H_KV, GQA, scale,
-    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Adds the band scores' gradients to dq (B, H, N, d) and dk (B, H_kv, N, d), both float32."""
     pid, bh, b, h = _program(H)
     kvh = h // GQA
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
-    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     row_ok = (rows >= rs) & (rows < re)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
@@ -244,11 +250,11 @@ def _mta_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, GQA, scale,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     pid, bh, b, h = _program(H)
     rows = pid * BM + tl.arange(0, BM)
-    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
     khat_base = khat_ptr + bh * C_Q * N * D
@@ -303,12 +309,13 @@ def _mta_bwd_dkdv_kernel(
     N, H, H_KV, GQA, scale,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
     C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """One key block of one source head: gradients of the group's values, and of k and theta."""
     pid, bh, b, h = _program(H)
     kvh = h // GQA
     cols = pid * BN + tl.arange(0, BN)
-    cs, ce = _segments(seg_start_ptr, seg_end_ptr, b, cols, N)
+    cs, ce = _segments(seg_start_ptr, seg_end_ptr, b, cols, N, PACKED)
     col_ok = (cols >= cs) & (cols < ce)
     d = tl.arange(0, D)
     c = tl.arange(0, C_H * D)
@@ -326,7 +333,7 @@ def _mta_bwd_dkdv_kernel(
     # The queries that see key j are j .. (end of j's segment) - 1.
     for m0 in range((pid * BN) // BM * BM, tl.max(tl.where(col_ok, ce, 0), axis=0), BM):
         rows = m0 + tl.arange(0, BM)
-        rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
+        rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
         row_ok = rows < N
         dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + bh * N + rows, mask=row_ok, other=0.0)
@@ -377,12 +384,12 @@ def _mta_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, GQA, scale,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
 ):
     """One query block of one source head: the gradient of q, and the stripe's share of dC."""
     pid, bh, b, h = _program(H)
     rows = pid * BM + tl.arange(0, BM)
-    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N)
+    rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     row_in = rows < N
     d = tl.arange(0, D)
     c = tl.arange(0, C_H * D)
@@ -494,6 +501,7 @@ class MTAFusedAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(head_dim)
         bm, bn, warps, stages = _blocks(head_dim, c_q, c_h, q.element_size())
         dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        packed = seg_start.shape[-1] > 1
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         theta32 = theta.float().contiguous() if has_conv else q.new_zeros(1, dtype=torch.float32)
 
@@ -506,7 +514,7 @@ class MTAFusedAttention(torch.autograd.Function):
             v.stride(0), v.stride(1), v.stride(2),
             n, heads, heads // kv_heads, scale,
             HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
-            DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=dot_precision, PACKED=packed, num_warps=warps, num_stages=stages,
         )
         ctx.save_for_backward(q, k, v, theta, mix, z, lse, seg_start, seg_end)
         ctx.config = (has_conv, c_q, c_k, pad, stripe, c_h, scale, bm, bn, warps, stages, dot_precision)
@@ -516,6 +524,7 @@ class MTAFusedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, theta, mix, z, lse, seg_start, seg_end = ctx.saved_tensors
         has_conv, c_q, c_k, pad, stripe, c_h, scale, bm, bn, warps, stages, dot_precision = ctx.config
+        packed = seg_start.shape[-1] > 1
         batch, heads, n, head_dim = q.shape
         kv_heads = k.shape[1]
         dout = dout.contiguous()
@@ -539,13 +548,13 @@ class MTAFusedAttention(torch.autograd.Function):
             q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, *strides,
             n, heads, kv_heads, heads // kv_heads, scale,
             HAS_CONV=has_conv, C_Q=c_q, C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
-            DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=dot_precision, PACKED=packed, num_warps=warps, num_stages=stages,
         )
         _mta_bwd_dq_kernel[_grid(n, bm, batch * heads)](
             q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, *strides,
             n, heads, heads // kv_heads, scale,
             HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
-            DOT_PRECISION=dot_precision, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=dot_precision, PACKED=packed, num_warps=warps, num_stages=stages,
         )
         if has_conv and stripe > 0:
             band = _band_scores(q, k, seg_start, seg_end, c_q + c_k - 2, scale).requires_grad_()
@@ -558,7 +567,7 @@ class MTAFusedAttention(torch.autograd.Function):
                 q, k, dband.contiguous(), dq, dk, seg_start, seg_end,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 n, heads, kv_heads, heads // kv_heads, scale,
-                WB=c_q + c_k - 2, BLOCK=64, D=head_dim,
+                WB=c_q + c_k - 2, BLOCK=64, D=head_dim, PACKED=packed,
             )
         dtheta = dtheta.to(theta.dtype) if has_conv else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta, dmix, None, None, None
@@ -569,7 +578,7 @@ def _band_scores(q, k, seg_start, seg_end, width, scale):
     band = _output((batch, heads, width, n), q, torch.float32)
     _band_scores_kernel[_grid(n, 64, batch * heads)](
         q, k, band, seg_start, seg_end, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        n, heads, heads // k.shape[1], scale, WB=width, BLOCK=64, D=head_dim,
+        n, heads, heads // k.shape[1], scale, WB=width, BLOCK=64, D=head_dim, PACKED=seg_start.shape[-1] > 1,
     )
     return band
 
@@ -582,7 +591,7 @@ def _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, seg_start, seg_
     khat = _output((batch, heads, c_q, n, head_dim), q)
     _khat_kernel[_grid(n, 64, batch * heads)](
         k, theta32, khat, seg_start, seg_end, k.stride(0), k.stride(1), k.stride(2),
-        n, heads, heads // k.shape[1], C_Q=c_q, C_K=c_k, PAD=pad, BLOCK=64, D=head_dim,
+        n, heads, heads // k.shape[1], C_Q=c_q, C_K=c_k, PAD=pad, BLOCK=64, D=head_dim, PACKED=seg_start.shape[-1] > 1,
     )
     if stripe == 0:
         return khat, q.new_zeros(1, dtype=torch.float32)
@@ -622,8 +631,8 @@ def mta_attention_fused(
 
     `segments` = (seg_start, seg_end), integer tensors (B, N): token t of row b belongs to the span
     [seg_start[b, t], seg_end[b, t]) and is real iff it lies inside it. Attention and convolution stay
-    inside each span, as if each ran alone: a row's real tokens between padding (`row_segments`), or the
-    documents of a packed row (`document_segments`). Default: each row is one span.
+    inside each span, as if each ran alone: the documents of a packed row (`document_segments`), or, as
+    (B, 1) tensors, one span per row, its real tokens between padding (`row_segments`). Default: whole rows.
     Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15) and post-softmax head mixing (c_h in 1, 2, 4).
     """
     batch, heads, n, head_dim = q.shape
@@ -636,10 +645,11 @@ def mta_attention_fused(
         raise ValueError(f"the fused MTA kernel does not cover {gap}")
     device = q.device
     if segments is None:
-        segments = row_segments(torch.zeros(batch, device=device), torch.full((batch,), n, device=device), n)
-    if any(t.shape != (batch, n) for t in segments):
-        raise ValueError(f"segments must be two (batch, seq_len) = ({batch}, {n}) tensors, got "
-                         f"{[tuple(t.shape) for t in segments]}")
+        segments = row_segments(torch.zeros(batch, device=device), torch.full((batch,), n, device=device))
+    if len(segments) != 2 or any(t.shape not in ((batch, n), (batch, 1)) for t in segments) \
+            or segments[0].shape != segments[1].shape:
+        raise ValueError(f"segments must be two (batch, seq_len) = ({batch}, {n}) or two ({batch}, 1) tensors, "
+                         f"got {[tuple(t.shape) for t in segments]}")
     seg_start, seg_end = (t.to(device=device, dtype=torch.int32).contiguous() for t in segments)
     if torch.is_autocast_enabled(device.type):
         # Under autocast (bf16 mixed-precision training) q and k leave RoPE in float32 while v is already in
@@ -649,9 +659,9 @@ def mta_attention_fused(
     return MTAFusedAttention.apply(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, seg_start, seg_end)
 
 
-def row_segments(start: torch.Tensor, end: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segments of rows whose real tokens are [start[b], end[b]) (padding around them): every token gets its row's range."""
-    return tuple(t.to(torch.int32)[:, None].expand(-1, n) for t in (start, end))
+def row_segments(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments of rows whose real tokens are [start[b], end[b]) (padding around them): one per row, (B, 1)."""
+    return tuple(t.to(torch.int32)[:, None] for t in (start, end))
 
 
 def document_segments(begins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

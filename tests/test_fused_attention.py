@@ -36,10 +36,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_against_reference(
     batch=2, heads=4, kv_heads=2, n=37, head_dim=16, size=(3, 5), padding="both", group=2,
-    dtype=torch.float32, starts=None, ends=None, documents=None, seed=0,
+    dtype=torch.float32, starts=None, ends=None, documents=None, per_token=False, seed=0,
 ):
     """Fused against the reference run on each span alone: a row's real tokens [starts[b], ends[b]) (padding
-    around them), or with `documents` (per row, the begin of each of its packed documents) every document."""
+    around them; given per row, or with `per_token` per token), or with `documents` (per row, the begin of each
+    of its packed documents) every document."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
 
     def rand(*shape, spread=1.0):
@@ -54,7 +55,9 @@ def check_against_reference(
     mix = rand(heads // group, group, group, spread=0.7) if group else None
     if documents is None:
         starts, ends = starts or [0] * batch, ends or [n] * batch
-        segments = mta_triton.row_segments(torch.tensor(starts), torch.tensor(ends), n)
+        segments = mta_triton.row_segments(torch.tensor(starts), torch.tensor(ends))
+        if per_token:
+            segments = tuple(t.expand(-1, n) for t in segments)
         spans = [[(s, e)] if e > s else [] for s, e in zip(starts, ends)]
     else:
         begins = torch.zeros(batch, n, dtype=torch.bool)
@@ -127,6 +130,18 @@ PACKED_CASES = [
 @pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_packed_documents_match_each_document_alone(case):
     check_against_reference(**case)
+
+
+def test_padding_given_per_token():
+    check_against_reference(starts=[0, 5], ends=[37, 30], per_token=True)
+    check_against_reference(starts=[3, 0], ends=[37, 30], size=None, per_token=True)
+
+
+def test_segments_of_the_wrong_shape_are_refused():
+    q = torch.randn(2, 2, 5, 16, device=DEVICE)
+    for segments in [(torch.zeros(2, 4), torch.zeros(2, 4)), (torch.zeros(2, 1), torch.zeros(2, 5))]:
+        with pytest.raises(ValueError, match="segments must be two"):
+            mta_triton.mta_attention_fused(q, q, q, segments=segments)
 
 
 def test_document_segments():
