@@ -178,12 +178,8 @@ def model_pair(**overrides):
     return reference, fused
 
 
-def test_model_uses_the_kernel_and_matches_the_reference_with_padding(monkeypatch):
-    reference, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, group_norm=True, attn_gate="scalar")
-    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0  # left padding
-    mask[1, 15:] = 0  # right padding
+def fused_calls_logits_and_grads(monkeypatch, models, **inputs):
+    """How often the fused kernel ran, and each model's logits and gradients on `inputs` (with labels)."""
     calls = []
 
     def counting(*args, **kwargs):
@@ -192,16 +188,30 @@ def test_model_uses_the_kernel_and_matches_the_reference_with_padding(monkeypatc
 
     monkeypatch.setattr(modeling_mta.modeling_mta, "mta_attention_fused", counting)
     outs = []
-    for model in (reference, fused):
-        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    for model in models:
+        out = model(**inputs)
         out.loss.backward()
         outs.append((out.logits, {n: p.grad for n, p in model.named_parameters()}))
-    assert len(calls) == 3  # one call per layer, all three layers fused
+    return len(calls), outs
+
+
+def assert_same_logits_and_grads(outs, rows=slice(None)):
     (ref_logits, ref_grads), (logits, grads) = outs
-    real = mask.bool()
-    torch.testing.assert_close(logits[real], ref_logits[real], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[rows], ref_logits[rows], atol=2e-4, rtol=1e-4)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-4, rtol=2e-3, msg=name)
+
+
+def test_model_uses_the_kernel_and_matches_the_reference_with_padding(monkeypatch):
+    reference, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, group_norm=True, attn_gate="scalar")
+    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding
+    mask[1, 15:] = 0  # right padding
+    calls, outs = fused_calls_logits_and_grads(monkeypatch, (reference, fused), input_ids=ids, attention_mask=mask,
+                                               labels=ids.masked_fill(mask == 0, -100))
+    assert calls == 3  # one call per layer, all three layers fused
+    assert_same_logits_and_grads(outs, rows=mask.bool())
 
 
 def test_model_fuses_packed_documents(monkeypatch):
@@ -211,23 +221,9 @@ def test_model_fuses_packed_documents(monkeypatch):
     documents = [{"input_ids": torch.randint(1, 61, (n,), generator=generator).tolist()} for n in (7, 1, 11, 2, 9)]
     batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v
              for k, v in DataCollatorWithFlattening(return_flash_attn_kwargs=True)(documents).items()}
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return mta_triton.mta_attention_fused(*args, **kwargs)
-
-    monkeypatch.setattr(modeling_mta.modeling_mta, "mta_attention_fused", counting)
-    outs = []
-    for model in (reference, fused):
-        out = model(**batch)
-        out.loss.backward()
-        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters()}))
-    assert len(calls) == 3
-    (ref_logits, ref_grads), (logits, grads) = outs
-    torch.testing.assert_close(logits, ref_logits, atol=2e-4, rtol=1e-4)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-4, rtol=2e-3, msg=name)
+    calls, outs = fused_calls_logits_and_grads(monkeypatch, (reference, fused), **batch)
+    assert calls == 3
+    assert_same_logits_and_grads(outs)
 
 
 def test_cu_seq_lens_and_restarting_positions_give_the_same_documents():
