@@ -502,6 +502,7 @@ class MTAModel(MTAPreTrainedModel):
 
         batch, query_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
+        given_positions = position_ids  # only positions from the caller can mark packed documents
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)[None]
         history = min(past_len, self.config.query_history_length())
@@ -513,7 +514,7 @@ class MTAModel(MTAPreTrainedModel):
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         layout = AttentionLayout(
             attention_mask, batch, query_len, past_len, history, inputs_embeds.device, bool(output_attentions),
-            position_ids, kwargs.get("cu_seq_lens_q"),
+            given_positions, kwargs.get("cu_seq_lens_q"),
         )
 
         hidden_states = inputs_embeds

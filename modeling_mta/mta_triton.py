@@ -23,6 +23,7 @@ through khat (dK side) and the shifted query tiles (dQ side).
 """
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -449,17 +450,40 @@ def stripe_scores(band: torch.Tensor, theta: torch.Tensor, stripe: int, seg_star
     i - stripe + 1 + t - p + b: band row t + b + s of column i - s. Rows from W on lie above the diagonal
     and count as zero, and so does a query before the start of i's segment (an earlier document's).
     """
+    scores = 0
+    for shift, theta_a, keep in _stripe_taps(band, theta, stripe, seg_start):
+        scores = scores + F.conv2d(shift(band) * keep, theta_a, groups=band.shape[1])
+    return scores
+
+
+def stripe_scores_backward(band, theta, stripe, seg_start, dscores) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `stripe_scores` with respect to the band and theta (in the band's dtype), by hand: the
+    kernels' backward runs as an operator of its own, where autograd does not record."""
+    dband = torch.zeros_like(band)
+    dtheta = torch.zeros(theta.shape, device=band.device, dtype=band.dtype)
+    for a, (shift, theta_a, keep) in enumerate(_stripe_taps(band, theta, stripe, seg_start)):
+        shifted = shift(band) * keep
+        dtheta[:, :, a] = torch.nn.grad.conv2d_weight(shifted, theta_a.shape, dscores, groups=band.shape[1])[..., 0]
+        dshifted = torch.nn.grad.conv2d_input(shifted.shape, theta_a, dscores, groups=band.shape[1]) * keep
+        dband += shift(dshifted, back=True)
+    return dband, dtheta
+
+
+def _stripe_taps(band, theta, stripe, seg_start):
+    """Per query shift a of the kernel: the move of the band that lines its rows and columns up with the
+    stripe's (band row t + b + s of column i - s to row t + b of column i, s = c_q - 1 - a; `back=True`
+    undoes it), theta's row a as a (c_k x 1) convolution, and which stripe columns the shift keeps."""
     c_q, c_k = theta.shape[-2:]
     width, n = band.shape[-2:]
     positions = torch.arange(n, device=band.device)
-    scores = 0
     for a in range(c_q):
         s = c_q - 1 - a
-        # Rows s, s + 1, ... of column i - s become rows 0, 1, ... of column i.
-        shifted = F.pad(band, (s, -s, -s, stripe + c_k - 1 - width + s))
-        shifted = shifted * (positions - s >= seg_start)[:, None, None, :]
-        scores = scores + F.conv2d(shifted, theta[:, :, a, :, None].float(), groups=band.shape[1])
-    return scores
+        pads = (s, -s, -s, stripe + c_k - 1 - width + s)
+
+        def shift(x, back=False, pads=pads):
+            return F.pad(x, tuple(-p for p in pads) if back else pads)
+
+        yield shift, theta[:, :, a, :, None].to(band.dtype), (positions - s >= seg_start)[:, None, None, :]
 
 
 def _output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -488,89 +512,132 @@ def _blocks(head_dim: int, c_q: int, c_h: int, element_size: int) -> tuple[int, 
     return (64, 64, 4, 2) if head_dim <= 64 else (64, 32, 4, 2)
 
 
-class MTAFusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, theta, mix, key_padding, seg_start, seg_end):
-        batch, heads, n, head_dim = q.shape
-        kv_heads = k.shape[1]
-        has_conv = theta is not None
-        c_q, c_k = theta.shape[-2:] if has_conv else (1, 1)
-        pad = key_padding_left(key_padding, c_k) if has_conv else 0
-        stripe = (c_q - 1) + (c_k - 1 - pad) if has_conv else 0
-        c_h = mix.shape[-1] if mix is not None else 1
-        scale = 1.0 / math.sqrt(head_dim)
-        bm, bn, warps, stages = _blocks(head_dim, c_q, c_h, q.element_size())
-        dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        packed = seg_start.shape[-1] > 1
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        theta32 = theta.float().contiguous() if has_conv else q.new_zeros(1, dtype=torch.float32)
+class _Launch:
+    """What the kernels of one call are compiled and launched with, from the shapes of its inputs."""
 
-        khat, cband = _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, seg_start, seg_end, scale)
-        z = _output((batch, heads, n, c_h * head_dim), q)
-        lse = _output((batch, heads, n), q, torch.float32)
-        _mta_fwd_kernel[_grid(n, bm, batch * heads)](
-            q, k, v, khat, cband, z, lse, seg_start, seg_end,
+    def __init__(self, q, theta, key_padding, c_h, seg_start):
+        self.has_conv = theta is not None
+        self.c_q, self.c_k = theta.shape[-2:] if self.has_conv else (1, 1)
+        self.pad = key_padding_left(key_padding, self.c_k) if self.has_conv else 0
+        self.stripe = (self.c_q - 1) + (self.c_k - 1 - self.pad) if self.has_conv else 0
+        self.c_h = c_h
+        self.scale = 1.0 / math.sqrt(q.shape[-1])
+        self.bm, self.bn, warps, stages = _blocks(q.shape[-1], self.c_q, c_h, q.element_size())
+        self.constants = dict(
+            HAS_CONV=self.has_conv, C_Q=self.c_q, STRIPE=self.stripe, C_H=c_h, BM=self.bm, BN=self.bn, D=q.shape[-1],
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=seg_start.shape[-1] > 1,
+            num_warps=warps, num_stages=stages,
+        )
+
+
+def _strides(q, k, v):
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2))
+
+
+def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end):
+    """Z (B, H, N, c_h * d): each source head's probabilities times the values of its group, side by side;
+    and the rows' log-sum-exp (B, H, N), float32."""
+    batch, heads, n, head_dim = q.shape
+    run = _Launch(q, theta, key_padding, c_h, seg_start)
+    theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
+    khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
+    z = _output((batch, heads, n, c_h * head_dim), q)
+    lse = _output((batch, heads, n), q, torch.float32)
+    _mta_fwd_kernel[_grid(n, run.bm, batch * heads)](
+        q, k, v, khat, cband, z, lse, seg_start, seg_end, *_strides(q, k, v),
+        n, heads, heads // k.shape[1], run.scale, **run.constants,
+    )
+    return z, lse
+
+
+def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end):
+    """Gradients of q, k, v (in their dtypes) and of theta (float32; empty without a convolution)."""
+    batch, heads, n, head_dim = q.shape
+    kv_heads = k.shape[1]
+    run = _Launch(q, theta, key_padding, c_h, seg_start)
+    delta = (dz.float() * z.float()).sum(-1)
+    dz = dz.to(q.dtype).contiguous()
+    theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
+    khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
+    dq = torch.zeros(batch, heads, n, head_dim, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
+    dtheta = torch.zeros_like(theta32)
+    dcband = torch.zeros_like(cband)
+    _mta_bwd_dkdv_kernel[_grid(n, run.bn, batch * heads)](
+        q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, *_strides(q, k, v),
+        n, heads, kv_heads, heads // kv_heads, run.scale, C_K=run.c_k, PAD=run.pad, **run.constants,
+    )
+    _mta_bwd_dq_kernel[_grid(n, run.bm, batch * heads)](
+        q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, *_strides(q, k, v),
+        n, heads, heads // kv_heads, run.scale, **run.constants,
+    )
+    if run.has_conv and run.stripe > 0:
+        band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
+        dband, dtheta_band = stripe_scores_backward(band, theta32, run.stripe, seg_start, dcband)
+        dtheta += dtheta_band
+        _band_scores_bwd_kernel[_grid(n, 64, batch * heads)](
+            q, k, dband.contiguous(), dq, dk, seg_start, seg_end,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            n, heads, heads // kv_heads, scale,
-            HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
-            DOT_PRECISION=dot_precision, PACKED=packed, num_warps=warps, num_stages=stages,
+            n, heads, kv_heads, heads // kv_heads, run.scale,
+            WB=run.c_q + run.c_k - 2, BLOCK=64, D=head_dim, PACKED=run.constants["PACKED"],
         )
-        ctx.save_for_backward(q, k, v, theta, mix, z, lse, seg_start, seg_end)
-        ctx.config = (has_conv, c_q, c_k, pad, stripe, c_h, scale, bm, bn, warps, stages, dot_precision)
-        return mix_heads(z, mix) if mix is not None else z
+    dtheta = dtheta.to(theta.dtype) if run.has_conv else q.new_empty(0)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, theta, mix, z, lse, seg_start, seg_end = ctx.saved_tensors
-        has_conv, c_q, c_k, pad, stripe, c_h, scale, bm, bn, warps, stages, dot_precision = ctx.config
-        packed = seg_start.shape[-1] > 1
-        batch, heads, n, head_dim = q.shape
-        kv_heads = k.shape[1]
-        dout = dout.contiguous()
-        if mix is not None:
-            dz, dmix = mix_heads_backward(z, mix, dout)
-        else:
-            dz, dmix = dout, None
-        delta = (dz.float() * z.float()).sum(-1)
-        dz = dz.to(q.dtype).contiguous()
-        theta32 = theta.float().contiguous() if has_conv else q.new_zeros(1, dtype=torch.float32)
 
-        khat, cband = _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, seg_start, seg_end, scale)
-        dq = torch.zeros(batch, heads, n, head_dim, device=q.device, dtype=torch.float32)
-        dk = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
-        dv = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
-        dtheta = torch.zeros_like(theta32)
-        dcband = torch.zeros_like(cband)
-        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2))
-        _mta_bwd_dkdv_kernel[_grid(n, bn, batch * heads)](
-            q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, *strides,
-            n, heads, kv_heads, heads // kv_heads, scale,
-            HAS_CONV=has_conv, C_Q=c_q, C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
-            DOT_PRECISION=dot_precision, PACKED=packed, num_warps=warps, num_stages=stages,
-        )
-        _mta_bwd_dq_kernel[_grid(n, bm, batch * heads)](
-            q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, *strides,
-            n, heads, heads // kv_heads, scale,
-            HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
-            DOT_PRECISION=dot_precision, PACKED=packed, num_warps=warps, num_stages=stages,
-        )
-        if has_conv and stripe > 0:
-            band = _band_scores(q, k, seg_start, seg_end, c_q + c_k - 2, scale).requires_grad_()
-            with torch.enable_grad():
-                theta_leaf = theta32.detach().requires_grad_()
-                stripe_values = stripe_scores(band, theta_leaf, stripe, seg_start)
-                dband, dtheta_band = torch.autograd.grad(stripe_values, (band, theta_leaf), dcband)
-            dtheta += dtheta_band
-            _band_scores_bwd_kernel[_grid(n, 64, batch * heads)](
-                q, k, dband.contiguous(), dq, dk, seg_start, seg_end,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                n, heads, kv_heads, heads // kv_heads, scale,
-                WB=c_q + c_k - 2, BLOCK=64, D=head_dim, PACKED=packed,
-            )
-        dtheta = dtheta.to(theta.dtype) if has_conv else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta, dmix, None, None, None
+# The kernels as operators of their own (torch.library), so that torch.compile keeps them whole in its
+# graphs. The namespace comes from this module's name: a copy of this file loaded from a model folder
+# (trust_remote_code) registers its own operators beside the installed package's.
+_NAMESPACE = "mta_" + re.sub(r"\W", "_", __name__)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, key_padding: str, c_h: int,
+    seg_start: torch.Tensor, seg_end: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The kernels pick their own precisions; autocast would recast the few torch operations around them.
+    with torch.autocast(q.device.type, enabled=False):
+        return _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end)
+
+
+@_attention_op.register_fake
+def _(q, k, v, theta, key_padding, c_h, seg_start, seg_end):
+    return q.new_empty(*q.shape[:3], c_h * q.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
+def _attention_backward_op(
+    dz: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
+    z: torch.Tensor, lse: torch.Tensor, key_padding: str, c_h: int, seg_start: torch.Tensor, seg_end: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(q.device.type, enabled=False):
+        return _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end)
+
+
+@_attention_backward_op.register_fake
+def _(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end):
+    dtheta = torch.empty_like(theta) if theta is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtheta
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, theta, key_padding, c_h, seg_start, seg_end = inputs
+    z, lse = output
+    ctx.save_for_backward(q, k, v, theta, z, lse, seg_start, seg_end)
+    ctx.key_padding, ctx.c_h = key_padding, c_h
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dz, _dlse):
+    q, k, v, theta, z, lse, seg_start, seg_end = ctx.saved_tensors
+    dq, dk, dv, dtheta = _attention_backward_op(dz, q, k, v, theta, z, lse, ctx.key_padding, ctx.c_h, seg_start, seg_end)
+    return dq, dk, dv, dtheta if theta is not None else None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_save_for_backward)
 
 
 def _band_scores(q, k, seg_start, seg_end, width, scale):
@@ -583,39 +650,31 @@ def _band_scores(q, k, seg_start, seg_end, width, scale):
     return band
 
 
-def _conv_inputs(q, k, theta32, has_conv, c_q, c_k, pad, stripe, seg_start, seg_end, scale):
+def _conv_inputs(q, k, theta32, run, seg_start, seg_end):
     """khat (B, H, c_q, N, d) and the exact stripe scores (B, H, stripe, N); placeholders without a convolution."""
     batch, heads, n, head_dim = q.shape
-    if not has_conv:
+    if not run.has_conv:
         return q.new_zeros(1), q.new_zeros(1, dtype=torch.float32)
-    khat = _output((batch, heads, c_q, n, head_dim), q)
+    khat = _output((batch, heads, run.c_q, n, head_dim), q)
     _khat_kernel[_grid(n, 64, batch * heads)](
         k, theta32, khat, seg_start, seg_end, k.stride(0), k.stride(1), k.stride(2),
-        n, heads, heads // k.shape[1], C_Q=c_q, C_K=c_k, PAD=pad, BLOCK=64, D=head_dim, PACKED=seg_start.shape[-1] > 1,
+        n, heads, heads // k.shape[1], C_Q=run.c_q, C_K=run.c_k, PAD=run.pad, BLOCK=64, D=head_dim,
+        PACKED=run.constants["PACKED"],
     )
-    if stripe == 0:
+    if run.stripe == 0:
         return khat, q.new_zeros(1, dtype=torch.float32)
-    band = _band_scores(q, k, seg_start, seg_end, c_q + c_k - 2, scale)
-    return khat, stripe_scores(band, theta32, stripe, seg_start).contiguous()
+    band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
+    return khat, stripe_scores(band, theta32, run.stripe, seg_start).contiguous()
 
 
 def mix_heads(z: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """O_e = sum_c W[g, c, e] Z_c[e]: z (B, H, N, c_h * d) holds, for each source head c, P_c times each group value."""
+    """O_e = sum_c W[g, c, e] Z_c[e]: z (B, H, N, c_h * d) holds, for each source head c, P_c times each group value.
+    Plain torch operations, differentiated by autograd (in float32)."""
     batch, heads, n, width = z.shape
     groups, c_h, _ = mix.shape
     grouped = z.view(batch, groups, c_h, n, c_h, width // c_h)
     out = torch.einsum("bgcned,gce->bgend", grouped.float(), mix.float())
     return out.reshape(batch, heads, n, width // c_h).to(z.dtype)
-
-
-def mix_heads_backward(z: torch.Tensor, mix: torch.Tensor, dout: torch.Tensor):
-    batch, heads, n, width = z.shape
-    groups, c_h, _ = mix.shape
-    grouped = z.view(batch, groups, c_h, n, c_h, width // c_h).float()
-    dgrouped = dout.view(batch, groups, c_h, n, width // c_h).float()
-    dz = torch.einsum("bgend,gce->bgcned", dgrouped, mix.float()).reshape(batch, heads, n, width)
-    dmix = torch.einsum("bgend,bgcned->gce", dgrouped, grouped).to(mix.dtype)
-    return dz, dmix
 
 
 def mta_attention_fused(
@@ -656,7 +715,10 @@ def mta_attention_fused(
         # the autocast dtype; the kernel's products need one dtype, so it runs in the autocast dtype, as SDPA does.
         dtype = torch.get_autocast_dtype(device.type)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-    return MTAFusedAttention.apply(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, seg_start, seg_end)
+    c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    z, _ = _attention_op(q, k, v, kq_conv_weight, key_padding, c_h, seg_start, seg_end)
+    return mix_heads(z, head_mix_post_weight) if head_mix_post_weight is not None else z
 
 
 def row_segments(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ Without CUDA the kernels run in Triton's interpreter on tiny shapes; with CUDA t
 on realistic shapes in bf16, fp16 and fp32.
 """
 
+import copy
 import math
 
 import pytest
@@ -191,7 +192,8 @@ def fused_calls_logits_and_grads(monkeypatch, models, **inputs):
     for model in models:
         out = model(**inputs)
         out.loss.backward()
-        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters()}))
+        grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}  # compiled: a wrapper
+        outs.append((out.logits, grads))
     return len(calls), outs
 
 
@@ -327,3 +329,73 @@ def test_offsets_beyond_int32():
     ref, _ = mta_attention(q[tail].double(), k[tail].double(), v[tail].double(), visible, theta.double(), None, None,
                            mix.double())
     assert relative_error(out[tail], ref) <= TOLERANCE[torch.bfloat16]
+
+
+def test_stripe_backward_by_hand_matches_autograd():
+    generator = torch.Generator().manual_seed(0)
+    c_q, c_k, n, stripe = 3, 5, 23, 2 + 2  # key padding "both": p = 2
+    band = torch.randn(2, 4, c_q + c_k - 2, n, generator=generator, dtype=torch.float64, requires_grad=True)
+    theta = torch.randn(4, 1, c_q, c_k, generator=generator, dtype=torch.float64, requires_grad=True)
+    seg_start = torch.tensor([[0] * 10 + [10] * 13, [0] * 23])
+    dscores = torch.randn(2, 4, stripe, n, generator=generator, dtype=torch.float64)
+    want = torch.autograd.grad(mta_triton.stripe_scores(band, theta, stripe, seg_start), (band, theta), dscores)
+    got = mta_triton.stripe_scores_backward(band.detach(), theta.detach(), stripe, seg_start, dscores)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+
+
+def small_inputs(seed=0, heads=4, kv_heads=2, n=21, head_dim=16, size=(3, 5), group=2):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rand(*shape, spread=1.0):
+        return (spread * torch.randn(*shape, generator=generator, device=DEVICE)).requires_grad_()
+
+    return (rand(2, heads, n, head_dim), rand(2, kv_heads, n, head_dim), rand(2, kv_heads, n, head_dim),
+            rand(heads, 1, *size, spread=0.4), rand(heads // group, group, group, spread=0.7))
+
+
+def test_the_kernels_are_a_well_formed_custom_op():
+    q, k, v, theta, _ = small_inputs()
+    segments = mta_triton.row_segments(torch.tensor([0, 4]), torch.tensor([21, 18]))
+    torch.library.opcheck(mta_triton._attention_op, (q, k, v, theta, "both", 2, *segments))
+
+
+def test_torch_compile_takes_the_kernel_whole():
+    # fullgraph: no graph break anywhere in the fused attention; aot_eager traces forward and backward.
+    compiled = torch.compile(mta_triton.mta_attention_fused, fullgraph=True, backend="aot_eager")
+    results = []
+    for attention in (mta_triton.mta_attention_fused, compiled):
+        inputs = small_inputs()
+        out = attention(*inputs, segments=mta_triton.row_segments(torch.tensor([0, 4]), torch.tensor([21, 18])))
+        results.append([out, *torch.autograd.grad(out, inputs, torch.ones_like(out))])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_a_compiled_model_trains_as_the_eager_one(monkeypatch):
+    _, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, group_norm=True)
+    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    compiled = torch.compile(copy.deepcopy(fused), backend="aot_eager")
+    calls, outs = fused_calls_logits_and_grads(monkeypatch, (fused, compiled), input_ids=ids, attention_mask=mask,
+                                               labels=ids.masked_fill(mask == 0, -100))
+    assert calls == 6
+    assert_same_logits_and_grads(outs)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_an_inductor_compiled_model_trains_and_generates_as_the_eager_one(monkeypatch):
+    _, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, group_norm=True)
+    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
+    calls, outs = fused_calls_logits_and_grads(monkeypatch, (fused, torch.compile(copy.deepcopy(fused))),
+                                               input_ids=ids, labels=ids)
+    assert calls == 6
+    assert_same_logits_and_grads(outs)
+
+    fused.config.mta_kernel = "auto"  # decoding steps run the reference
+    compiled = copy.deepcopy(fused)
+    compiled.forward = torch.compile(compiled.forward)
+    with torch.no_grad():
+        tokens = [model.generate(ids[:, :8], max_new_tokens=6, do_sample=False) for model in (fused, compiled)]
+    assert torch.equal(tokens[0], tokens[1])
