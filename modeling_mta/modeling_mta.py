@@ -32,7 +32,7 @@ from .configuration_mta import MTAConfig
 from .mta_reference import depth_scale, group_norm, key_padding_left, mta_attention
 
 try:
-    from .mta_triton import document_segments, fused_coverage_gap, mta_attention_fused, row_segments
+    from .mta_triton import document_segments, fused_coverage_gap, mta_attention_fused, mta_decode_fused, row_segments
 except ImportError:  # no Triton: the reference attention serves everywhere
     mta_attention_fused = None
 
@@ -201,6 +201,7 @@ class AttentionLayout:
         self._visible = None
         self._segments = None
         self._begins = None
+        self._key_starts = None
 
     def visible(self) -> torch.Tensor:
         """Boolean (B, 1, history + query_len, past_len + query_len)."""
@@ -256,6 +257,26 @@ class AttentionLayout:
             starts = [t for t, begin in enumerate(row) if begin]
             rows.append(list(zip(starts, starts[1:] + [self.query_len])))
         return rows
+
+    def key_starts(self) -> torch.Tensor | None:
+        """Against a cache: per row, the first real key, (B,) int32, when every key from it on is real (left
+        padding, or none); else None."""
+        if self._key_starts is None:
+            self._key_starts = (self._build_key_starts(),)
+        return self._key_starts[0]
+
+    def _build_key_starts(self):
+        mask = self.attention_mask
+        key_len = self.past_len + self.query_len
+        if mask is None:
+            return torch.zeros(self.batch, dtype=torch.int32, device=self.device)
+        if mask.dim() != 2:
+            return None
+        valid = mask.bool()
+        start = torch.where(valid.any(-1), valid.int().argmax(-1), key_len)
+        if not bool((valid == (torch.arange(key_len, device=valid.device) >= start[:, None])).all()):
+            return None
+        return start.int()
 
     def segments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per token, the [start, end) of its span: its document, as two (B, N) int32 tensors, or its row's
@@ -329,8 +350,20 @@ class MTAAttention(nn.Module):
             all_queries = cache.update_queries(query, self.layer_idx)
             query = all_queries[:, :, all_queries.shape[2] - (history + seq_len) :]
 
-        segments = self.fused_segments(query, layout)
-        if segments is not None:
+        spans = self.fused_spans(query, layout)
+        if spans is not None and layout.past_len:
+            output = mta_decode_fused(
+                query,
+                key,
+                value,
+                self.kq_conv.weight if self.kq_conv is not None else None,
+                self.head_mix_post.weight if self.head_mix_post is not None else None,
+                self.config.key_padding,
+                key_start=spans,
+                new_rows=seq_len,
+            )
+            probs = None
+        elif spans is not None:
             output = mta_attention_fused(
                 query,
                 key,
@@ -338,7 +371,7 @@ class MTAAttention(nn.Module):
                 kq_conv_weight=self.kq_conv.weight if self.kq_conv is not None else None,
                 head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
                 key_padding=self.config.key_padding,
-                segments=segments,
+                segments=spans,
             )
             probs = None
         elif layout.documents() is not None:
@@ -385,8 +418,9 @@ class MTAAttention(nn.Module):
                 probs[b, :, part, part] = p[0]
         return output, probs
 
-    def fused_segments(self, query: torch.Tensor, layout: AttentionLayout):
-        """The token spans (`AttentionLayout.segments`) to run the fused kernel with, or None to run the reference.
+    def fused_spans(self, query: torch.Tensor, layout: AttentionLayout):
+        """What the fused kernels need to know of the layout, or None to run the reference: the token spans
+        (`AttentionLayout.segments`) without a cache, each row's first real key (`key_starts`) against one.
 
         `config.mta_kernel`: "reference" never fuses; "auto" fuses CUDA tensors when the kernel covers
         the call; "fused" also fuses CPU tensors (under TRITON_INTERPRET=1, for tests) and raises
@@ -399,10 +433,11 @@ class MTAAttention(nn.Module):
             gap = "this machine (Triton is not installed)"
         elif layout.output_attentions:
             gap = "output_attentions (it never forms the attention maps)"
-        elif layout.past_len:
-            gap = "decoding against a cache"
-        elif layout.segments() is None:
-            gap = "attention masks other than left/right padding"
+        elif layout.past_len and torch.is_grad_enabled() and query.requires_grad:
+            gap = "gradients through a forward pass against a cache"
+        elif self.spans(layout) is None:
+            gap = "attention masks other than left padding, against a cache" if layout.past_len else \
+                "attention masks other than left/right padding"
         elif self.training and self.attention_dropout:
             gap = "attention dropout"
         else:
@@ -415,11 +450,15 @@ class MTAAttention(nn.Module):
                 self.head_mix_post.weight.shape[-1] if self.head_mix_post is not None else None,
             )
         if gap is None:
-            return layout.segments()
+            return self.spans(layout)
         if mode == "fused":
             raise ValueError(f"mta_kernel='fused', but the fused MTA kernel does not cover {gap}")
         logger.warning_once(f"The fused MTA kernel does not cover {gap}: using the reference attention there.")
         return None
+
+    @staticmethod
+    def spans(layout: AttentionLayout):
+        return layout.key_starts() if layout.past_len else layout.segments()
 
     def convolves_queries(self) -> bool:
         """Whether this layer's attention rows depend on earlier queries (a kq conv with c_q > 1)."""

@@ -438,6 +438,61 @@ def _mta_bwd_dq_kernel(
         tl.atomic_add(dq_base + dst[:, None] * D + d[None, :], dq[a] * scale, mask=ok[:, None])
 
 
+@triton.jit
+def _mta_decode_kernel(
+    qhat_ptr, k_ptr, v_ptr, cband_ptr, z_ptr, start_ptr,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    M, L, H, GQA,
+    C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """New query rows against a cache of L keys: row m is the token at L - M + m, and its scores are
+    C[i, j] = sum_b qhat_b[i] . k[j - PAD + b] away from the diagonal (qhat: the queries mixed by the
+    kernel, scale included), the exact stripe values (cband, (B, H, STRIPE, M)) near it. Keys from
+    start[b] on are real."""
+    pid, bh, b, h = _program(H)
+    rows = pid * BM + tl.arange(0, BM)
+    pos = L - M + rows
+    start = tl.load(start_ptr + b)
+    row_ok = (rows < M) & (pos >= start)
+    d = tl.arange(0, D)
+    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
+    qhat_base = qhat_ptr + bh * M * C_K * D
+
+    m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, C_H * D], dtype=tl.float32)
+    for n0 in range(start // BN * BN, tl.max(tl.where(row_ok, pos + 1, 0), axis=0), BN):
+        cols = n0 + tl.arange(0, BN)
+        s = tl.zeros([BM, BN], dtype=tl.float32)
+        for t in tl.static_range(C_K):
+            src = cols - PAD + t
+            ok = (src >= start) & (src < L)
+            kt = tl.load(k_base + src[:, None] * stride_kn + d[None, :], mask=ok[:, None], other=0.0)
+            qh = tl.load(qhat_base + (rows[:, None] * C_K + t) * D + d[None, :], mask=(rows < M)[:, None], other=0.0)
+            s += tl.dot(qh, tl.trans(kt), input_precision=DOT_PRECISION)
+        if STRIPE > 0:
+            t = cols[None, :] - pos[:, None] + (STRIPE - 1)
+            in_stripe = (t >= 0) & (t < STRIPE) & (rows < M)[:, None]
+            exact = tl.load(cband_ptr + (bh * STRIPE + t) * M + rows[:, None], mask=in_stripe, other=0.0)
+            s = tl.where(in_stripe, exact, s)
+        visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] >= start) & row_ok[:, None]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)
+        values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
+                         mask=(cols < L)[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+        m = m_new
+    z = acc / tl.where(l > 0, l, 1.0)[:, None]
+    c = tl.arange(0, C_H * D)
+    tl.store(z_ptr + (bh * M + rows[:, None]) * (C_H * D) + c[None, :], z.to(z_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None])
+
+
 # --------------------------------------------------------------------------------------------
 # Host side.
 
@@ -720,6 +775,83 @@ def mta_attention_fused(
     z, _ = _attention_op(q, k, v, kq_conv_weight, key_padding, c_h, seg_start, seg_end)
     return mix_heads(z, head_mix_post_weight) if head_mix_post_weight is not None else z
 
+
+
+def mta_decode_fused(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kq_conv_weight: torch.Tensor | None,
+    head_mix_post_weight: torch.Tensor | None,
+    key_padding: str,
+    key_start: torch.Tensor,
+    new_rows: int,
+) -> torch.Tensor:
+    """The last `new_rows` rows of causal MTA attention against a cache, fused, forward only: (B, H, new_rows, d).
+
+    k, v (B, H_kv, L, d) hold the whole cache, new tokens last; q_rows (B, H, R, d) the queries at the last R
+    positions, the new tokens' and, for a convolution, up to c_q - 1 before them (earlier rows count as zero).
+    Keys from key_start[b] on are real (left padding before). No N x N tensor: the kernel's queries are mixed
+    first (c_k of them per row) and meet each key once, and the stripe near the diagonal is computed exactly.
+    """
+    batch, heads, rows, head_dim = q_rows.shape
+    length = k.shape[2]
+    gap = fused_coverage_gap(head_dim, tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
+                             key_padding, False, False,
+                             head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None)
+    if gap is not None:
+        raise ValueError(f"the fused MTA kernel does not cover {gap}")
+    if torch.is_autocast_enabled(q_rows.device.type):
+        dtype = torch.get_autocast_dtype(q_rows.device.type)
+        q_rows, k, v = (t.to(dtype) for t in (q_rows, k, v))
+    c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
+    theta = kq_conv_weight if kq_conv_weight is not None else q_rows.new_ones(heads, 1, 1, 1)
+    with torch.autocast(q_rows.device.type, enabled=False):
+        z = _decode(q_rows, k.contiguous(), v.contiguous(), theta, key_padding, c_h, key_start.to(torch.int32), new_rows)
+    return mix_heads(z, head_mix_post_weight) if head_mix_post_weight is not None else z
+
+
+def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
+    batch, heads, rows, head_dim = q_rows.shape
+    length = k.shape[2]
+    c_q, c_k = theta.shape[-2:]
+    pad = key_padding_left(key_padding, c_k)
+    stripe = (c_q - 1) + (c_k - 1 - pad)
+    first = length - rows  # position of q_rows' first row
+    positions = first + torch.arange(rows, device=q_rows.device)
+    real = positions[None, :] >= key_start[:, None].long()  # (B, R)
+    q_real = q_rows.float() * real[:, None, :, None] / math.sqrt(head_dim)
+    # qhat[m, b] = sum_a theta[a, b] q~[i - (c_q - 1) + a] for the new rows i: windows of c_q rows, zeros before.
+    windows = F.pad(q_real, (0, 0, c_q - 1, 0)).unfold(2, c_q, 1)[:, :, rows - new_rows:]  # (B, H, M, d, c_q)
+    qhat = torch.einsum("nhmda,hat->nhmtd", windows, theta[:, 0].float()).to(q_rows.dtype).contiguous()
+    cband = q_rows.new_zeros(1, dtype=torch.float32)
+    if stripe > 0:
+        width = c_q + c_k - 2
+        band = _decode_band(q_real, k, key_start, first, width)
+        # The stripe of a new row reads band columns up to c_q - 1 rows back, all inside q_rows.
+        cband = stripe_scores(band, theta.float(), stripe, (key_start.long() - first)[:, None])
+        cband = cband[..., rows - new_rows:].contiguous()
+    z = _output((batch, heads, new_rows, c_h * head_dim), q_rows)
+    block_m = 16
+    block_n = 64 if head_dim * c_h <= 256 else 32
+    _mta_decode_kernel[_grid(new_rows, block_m, batch * heads)](
+        qhat, k, v, cband, z, key_start,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        new_rows, length, heads, heads // k.shape[1],
+        C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, BM=block_m, BN=block_n, D=head_dim,
+        DOT_PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32",
+    )
+    return z
+
+
+def _decode_band(q_real, k, key_start, first, width):
+    """band[b, h, w, r] = q~[r] . k[first + r + w - (width - 1)] for the R query rows (real keys only): (B, H, W, R)."""
+    batch, heads, rows, head_dim = q_real.shape
+    keys = first + torch.arange(rows, device=k.device)[:, None] + torch.arange(width, device=k.device) - (width - 1)
+    real = (keys[None] >= key_start[:, None, None].long()) & (keys >= 0)  # (B, R, W)
+    near = k[:, :, keys.clamp(min=0)]  # (B, H_kv, R, W, d): only the keys next to the diagonal
+    near = near.repeat_interleave(heads // k.shape[1], dim=1).float()
+    return torch.einsum("bhrd,bhrwd->bhwr", q_real, near) * real.transpose(1, 2)[:, None]
 
 def row_segments(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Segments of rows whose real tokens are [start[b], end[b]) (padding around them): one per row, (B, 1)."""
