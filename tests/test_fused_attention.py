@@ -466,3 +466,15 @@ def test_the_model_decodes_with_the_kernel(monkeypatch):
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for ref_scores, scores in zip(outs[0].scores, outs[1].scores):
         torch.testing.assert_close(scores, ref_scores, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_decoding_matches_the_reference_on_gpu_shapes(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_decode(heads=16, kv_heads=4, head_dim=128, length=3000, new=1, size=(6, 11), group=2, starts=(0, 1000),
+                 dtype=dtype)
+    check_decode(heads=16, kv_heads=16, head_dim=64, length=2000, new=64, size=None, group=2, starts=(5, 0),
+                 dtype=dtype)
+    check_decode(heads=8, kv_heads=8, head_dim=128, length=700, new=3, size=(8, 15), group=4, padding="left",
+                 dtype=dtype)
