@@ -372,6 +372,7 @@ class MTAAttention(nn.Module):
                 head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
                 key_padding=self.config.key_padding,
                 segments=spans,
+                dropout_p=self.attention_dropout if self.training else 0.0,
             )
             probs = None
         elif layout.documents() is not None:
@@ -438,8 +439,6 @@ class MTAAttention(nn.Module):
         elif self.spans(layout) is None:
             gap = "attention masks other than left padding, against a cache" if layout.past_len else \
                 "attention masks other than left/right padding"
-        elif self.training and self.attention_dropout:
-            gap = "attention dropout"
         else:
             gap = fused_coverage_gap(
                 self.head_dim,

@@ -246,12 +246,35 @@ def _group_values_ptrs(v_ptr, b, g, cols, stride_vb, stride_vh, stride_vn, GQA, 
 
 
 @triton.jit
+def _dropout_scale(seed_ptr, b, g, rows, cols, N, H, dropout_p, C_H: tl.constexpr):
+    """(C_H, rows, cols): 1 / (1 - p) where target head g * C_H + e keeps the probability (i, j), else 0.
+    The mask belongs to the target head (dropout acts on the mixed probabilities) and is a function of
+    (seed, batch row, head, i, j) alone, so the backward draws the same one."""
+    head = b * H + g * C_H + tl.arange(0, C_H)
+    offsets = (head[:, None, None] * N + rows[None, :, None]) * N + cols[None, None, :]
+    return tl.where(tl.rand(tl.load(seed_ptr), offsets) >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
+
+
+@triton.jit
+def _by_head(x, C_H: tl.constexpr, D: tl.constexpr):
+    """(R, C_H * D), the c_h heads side by side -> (C_H, R, D)."""
+    return tl.permute(tl.reshape(x, (x.shape[0], C_H, D)), (1, 0, 2))
+
+
+@triton.jit
+def _side_by_side(x, C_H: tl.constexpr, D: tl.constexpr):
+    """(C_H, R, D) -> (R, C_H * D)."""
+    return tl.reshape(tl.permute(x, (1, 0, 2)), (x.shape[1], C_H * D))
+
+
+@triton.jit
 def _mta_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
+    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    N, H, GQA, scale,
+    N, H, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid, bh, b, h = _program(H)
     rows = pid * BM + tl.arange(0, BM)
@@ -277,7 +300,13 @@ def _mta_fwd_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
                          mask=(cols < N)[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+        if DROPOUT:  # each target head's own mask: c_h products of (dropped P) V_e, batched
+            kept = _dropout_scale(seed_ptr, b, h // C_H, rows, cols, N, H, dropout_p, C_H) * p[None, :, :]
+            pv = _side_by_side(tl.dot(kept.to(values.dtype), _by_head(values, C_H, D), input_precision=DOT_PRECISION),
+                               C_H, D)
+        else:
+            pv = tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m = m_new
     has_key = l > 0
     z = acc / tl.where(has_key, l, 1.0)[:, None]
@@ -290,27 +319,34 @@ def _mta_fwd_kernel(
 @triton.jit
 def _probs_and_dscores(
     q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols, rs, re,
-    stride_qn, stride_kn, N, scale,
-    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_qn, stride_kn, N, scale, seed_ptr, b, g, H, dropout_p,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr, D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Recomputed probabilities P of a tile, and dC = P * (dZ V^T - delta), the scores' gradient."""
+    """The probabilities of a tile as the values met them (P; with dropout, per target head (C_H, rows,
+    cols)), and dC = P * (dP - delta), the scores' gradient, dP = dZ V^T through the dropout masks."""
     s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, rs, re, stride_qn, stride_kn,
                      N, scale, HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
     p = tl.where(_visible(rows, cols, rs, re), tl.exp(s - lse[:, None]), 0.0)
-    dp = tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION)
-    return p, p * (dp - delta[:, None])
+    if DROPOUT:
+        keep = _dropout_scale(seed_ptr, b, g, rows, cols, N, H, dropout_p, C_H)
+        dp = tl.dot(_by_head(dz, C_H, D), tl.permute(_by_head(values, C_H, D), (0, 2, 1)),
+                    input_precision=DOT_PRECISION)
+        return keep * p[None, :, :], p * (tl.sum(dp * keep, axis=0) - delta[:, None])
+    else:
+        dp = tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION)
+        return p, p * (dp - delta[:, None])
 
 
 @triton.jit
 def _mta_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, theta_ptr, dz_ptr, lse_ptr, delta_ptr,
-    dk_ptr, dv_ptr, dtheta_ptr, seg_start_ptr, seg_end_ptr,
+    dk_ptr, dv_ptr, dtheta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    N, H, H_KV, GQA, scale,
+    N, H, H_KV, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
     C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PACKED: tl.constexpr,
+    PACKED: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """One key block of one source head: gradients of the group's values, and of k and theta."""
     pid, bh, b, h = _program(H)
@@ -340,9 +376,13 @@ def _mta_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + bh * N + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * N + rows, mask=row_ok, other=0.0)
         p, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
-                                   rs, re, stride_qn, stride_kn, N, scale, HAS_CONV, C_Q, STRIPE, D,
-                                   DOT_PRECISION)
-        dvalues += tl.dot(tl.trans(p.to(dz.dtype)), dz, input_precision=DOT_PRECISION)
+                                   rs, re, stride_qn, stride_kn, N, scale, seed_ptr, b, h // C_H, H, dropout_p,
+                                   HAS_CONV, C_Q, STRIPE, C_H, D, DOT_PRECISION, DROPOUT)
+        if DROPOUT:
+            dvalues += _side_by_side(tl.dot(tl.permute(p, (0, 2, 1)).to(dz.dtype), _by_head(dz, C_H, D),
+                                            input_precision=DOT_PRECISION), C_H, D)
+        else:
+            dvalues += tl.dot(tl.trans(p.to(dz.dtype)), dz, input_precision=DOT_PRECISION)
         if HAS_CONV:
             if STRIPE > 0:
                 ds = tl.where(_stripe(rows, cols, STRIPE), 0.0, ds)  # the stripe's gradient goes through the band
@@ -382,10 +422,12 @@ def _mta_bwd_dkdv_kernel(
 @triton.jit
 def _mta_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, delta_ptr, dq_ptr, dcband_ptr, seg_start_ptr, seg_end_ptr,
+    seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    N, H, GQA, scale,
+    N, H, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """One query block of one source head: the gradient of q, and the stripe's share of dC."""
     pid, bh, b, h = _program(H)
@@ -410,9 +452,9 @@ def _mta_bwd_dq_kernel(
         cols = n0 + tl.arange(0, BN)
         values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
                          mask=(cols < N)[:, None], other=0.0)
-        p, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
-                                   rs, re, stride_qn, stride_kn, N, scale, HAS_CONV, C_Q, STRIPE, D,
-                                   DOT_PRECISION)
+        _, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
+                                   rs, re, stride_qn, stride_kn, N, scale, seed_ptr, b, h // C_H, H, dropout_p,
+                                   HAS_CONV, C_Q, STRIPE, C_H, D, DOT_PRECISION, DROPOUT)
         if HAS_CONV:
             if STRIPE > 0:
                 stripe = _stripe(rows, cols, STRIPE) & row_in[:, None]
@@ -436,6 +478,18 @@ def _mta_bwd_dq_kernel(
         dst = rows - (C_Q - 1 - a)
         ok = (dst >= rs) & (dst < re)
         tl.atomic_add(dq_base + dst[:, None] * D + d[None, :], dq[a] * scale, mask=ok[:, None])
+
+
+@triton.jit
+def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64) // (H // C_H)
+    g = tl.program_id(2) % (H // C_H)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    scale = _dropout_scale(seed_ptr, b, g, rows, cols, N, H, dropout_p, C_H)
+    head = b * H + g * C_H + tl.arange(0, C_H)
+    ok = (rows < N)[None, :, None] & (cols < N)[None, None, :]
+    tl.store(out_ptr + (head[:, None, None] * N + rows[None, :, None]) * N + cols[None, None, :], scale, mask=ok)
 
 
 @triton.jit
@@ -570,7 +624,7 @@ def _blocks(head_dim: int, c_q: int, c_h: int, element_size: int) -> tuple[int, 
 class _Launch:
     """What the kernels of one call are compiled and launched with, from the shapes of its inputs."""
 
-    def __init__(self, q, theta, key_padding, c_h, seg_start):
+    def __init__(self, q, theta, key_padding, c_h, seg_start, dropout_p):
         self.has_conv = theta is not None
         self.c_q, self.c_k = theta.shape[-2:] if self.has_conv else (1, 1)
         self.pad = key_padding_left(key_padding, self.c_k) if self.has_conv else 0
@@ -581,7 +635,7 @@ class _Launch:
         self.constants = dict(
             HAS_CONV=self.has_conv, C_Q=self.c_q, STRIPE=self.stripe, C_H=c_h, BM=self.bm, BN=self.bn, D=q.shape[-1],
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=seg_start.shape[-1] > 1,
-            num_warps=warps, num_stages=stages,
+            DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
         )
 
 
@@ -590,27 +644,27 @@ def _strides(q, k, v):
             v.stride(0), v.stride(1), v.stride(2))
 
 
-def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end):
-    """Z (B, H, N, c_h * d): each source head's probabilities times the values of its group, side by side;
-    and the rows' log-sum-exp (B, H, N), float32."""
+def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
+    """Z (B, H, N, c_h * d): each source head's probabilities times the values of its group, side by side
+    (through each target head's dropout mask); and the rows' log-sum-exp (B, H, N), float32."""
     batch, heads, n, head_dim = q.shape
-    run = _Launch(q, theta, key_padding, c_h, seg_start)
+    run = _Launch(q, theta, key_padding, c_h, seg_start, dropout_p)
     theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
     khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
     z = _output((batch, heads, n, c_h * head_dim), q)
     lse = _output((batch, heads, n), q, torch.float32)
     _mta_fwd_kernel[_grid(n, run.bm, batch * heads)](
-        q, k, v, khat, cband, z, lse, seg_start, seg_end, *_strides(q, k, v),
-        n, heads, heads // k.shape[1], run.scale, **run.constants,
+        q, k, v, khat, cband, z, lse, seg_start, seg_end, seed, *_strides(q, k, v),
+        n, heads, heads // k.shape[1], run.scale, dropout_p, **run.constants,
     )
     return z, lse
 
 
-def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end):
+def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
     """Gradients of q, k, v (in their dtypes) and of theta (float32; empty without a convolution)."""
     batch, heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
-    run = _Launch(q, theta, key_padding, c_h, seg_start)
+    run = _Launch(q, theta, key_padding, c_h, seg_start, dropout_p)
     delta = (dz.float() * z.float()).sum(-1)
     dz = dz.to(q.dtype).contiguous()
     theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
@@ -621,12 +675,12 @@ def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg
     dtheta = torch.zeros_like(theta32)
     dcband = torch.zeros_like(cband)
     _mta_bwd_dkdv_kernel[_grid(n, run.bn, batch * heads)](
-        q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, *_strides(q, k, v),
-        n, heads, kv_heads, heads // kv_heads, run.scale, C_K=run.c_k, PAD=run.pad, **run.constants,
+        q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, seed, *_strides(q, k, v),
+        n, heads, kv_heads, heads // kv_heads, run.scale, dropout_p, C_K=run.c_k, PAD=run.pad, **run.constants,
     )
     _mta_bwd_dq_kernel[_grid(n, run.bm, batch * heads)](
-        q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, *_strides(q, k, v),
-        n, heads, heads // kv_heads, run.scale, **run.constants,
+        q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, seed, *_strides(q, k, v),
+        n, heads, heads // kv_heads, run.scale, dropout_p, **run.constants,
     )
     if run.has_conv and run.stripe > 0:
         band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
@@ -651,15 +705,15 @@ _NAMESPACE = "mta_" + re.sub(r"\W", "_", __name__)
 @torch.library.custom_op(f"{_NAMESPACE}::attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, key_padding: str, c_h: int,
-    seg_start: torch.Tensor, seg_end: torch.Tensor,
+    seg_start: torch.Tensor, seg_end: torch.Tensor, dropout_p: float, seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # The kernels pick their own precisions; autocast would recast the few torch operations around them.
     with torch.autocast(q.device.type, enabled=False):
-        return _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end)
+        return _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed)
 
 
 @_attention_op.register_fake
-def _(q, k, v, theta, key_padding, c_h, seg_start, seg_end):
+def _(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
     return q.new_empty(*q.shape[:3], c_h * q.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -667,29 +721,31 @@ def _(q, k, v, theta, key_padding, c_h, seg_start, seg_end):
 def _attention_backward_op(
     dz: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
     z: torch.Tensor, lse: torch.Tensor, key_padding: str, c_h: int, seg_start: torch.Tensor, seg_end: torch.Tensor,
+    dropout_p: float, seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(q.device.type, enabled=False):
-        return _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end)
+        return _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed)
 
 
 @_attention_backward_op.register_fake
-def _(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end):
+def _(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
     dtheta = torch.empty_like(theta) if theta is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtheta
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, theta, key_padding, c_h, seg_start, seg_end = inputs
+    q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed = inputs
     z, lse = output
-    ctx.save_for_backward(q, k, v, theta, z, lse, seg_start, seg_end)
-    ctx.key_padding, ctx.c_h = key_padding, c_h
+    ctx.save_for_backward(q, k, v, theta, z, lse, seg_start, seg_end, seed)
+    ctx.key_padding, ctx.c_h, ctx.dropout_p = key_padding, c_h, dropout_p
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dz, _dlse):
-    q, k, v, theta, z, lse, seg_start, seg_end = ctx.saved_tensors
-    dq, dk, dv, dtheta = _attention_backward_op(dz, q, k, v, theta, z, lse, ctx.key_padding, ctx.c_h, seg_start, seg_end)
-    return dq, dk, dv, dtheta if theta is not None else None, None, None, None, None
+    q, k, v, theta, z, lse, seg_start, seg_end, seed = ctx.saved_tensors
+    dq, dk, dv, dtheta = _attention_backward_op(dz, q, k, v, theta, z, lse, ctx.key_padding, ctx.c_h, seg_start,
+                                                seg_end, ctx.dropout_p, seed)
+    return dq, dk, dv, dtheta if theta is not None else None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_save_for_backward)
@@ -740,6 +796,8 @@ def mta_attention_fused(
     head_mix_post_weight: torch.Tensor | None = None,
     key_padding: str = "both",
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> torch.Tensor:
     """Causal MTA attention core, fused: the output (B, H, N, d) of `mta_reference.mta_attention`.
 
@@ -748,8 +806,13 @@ def mta_attention_fused(
     inside each span, as if each ran alone: the documents of a packed row (`document_segments`), or, as
     (B, 1) tensors, one span per row, its real tokens between padding (`row_segments`). Default: whole rows.
     Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15) and post-softmax head mixing (c_h in 1, 2, 4).
+    `dropout_p` drops entries of the final attention maps (after head mixing) as the reference does in
+    training; the masks follow from `dropout_seed` (`dropout_keep_scale` makes them), by default drawn
+    from torch's generator.
     """
     batch, heads, n, head_dim = q.shape
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if k.shape[1] == 0 or heads % k.shape[1]:
         raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")
     gap = fused_coverage_gap(head_dim, tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
@@ -772,7 +835,11 @@ def mta_attention_fused(
         q, k, v = (t.to(dtype) for t in (q, k, v))
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    z, _ = _attention_op(q, k, v, kq_conv_weight, key_padding, c_h, seg_start, seg_end)
+    if dropout_p and dropout_seed is None:
+        seed = torch.randint(2**31 - 1, (1,), device=device, dtype=torch.int64)
+    else:
+        seed = torch.full((1,), dropout_seed or 0, device=device, dtype=torch.int64)
+    z, _ = _attention_op(q, k, v, kq_conv_weight, key_padding, c_h, seg_start, seg_end, float(dropout_p), seed)
     return mix_heads(z, head_mix_post_weight) if head_mix_post_weight is not None else z
 
 
@@ -852,6 +919,18 @@ def _decode_band(q_real, k, key_start, first, width):
     near = k[:, :, keys.clamp(min=0)]  # (B, H_kv, R, W, d): only the keys next to the diagonal
     near = near.repeat_interleave(heads // k.shape[1], dim=1).float()
     return torch.einsum("bhrd,bhrwd->bhwr", q_real, near) * real.transpose(1, 2)[:, None]
+
+def dropout_keep_scale(batch: int, heads: int, n: int, c_h: int, dropout_p: float, dropout_seed: int,
+                       device) -> torch.Tensor:
+    """The dropout the fused kernel applies for `dropout_seed`, as a (B, H, N, N) float32 map: 1 / (1 - p) where
+    it keeps an entry of the final attention map, 0 where it drops it. N x N: for tests and inspection."""
+    out = torch.empty(batch, heads, n, n, device=device, dtype=torch.float32)
+    seed = torch.full((1,), dropout_seed, device=device, dtype=torch.int64)
+    block = 32
+    _dropout_keep_kernel[(triton.cdiv(n, block), triton.cdiv(n, block), batch * heads // c_h)](
+        out, seed, n, heads, dropout_p, C_H=c_h, BLOCK=block)
+    return out
+
 
 def row_segments(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Segments of rows whose real tokens are [start[b], end[b]) (padding around them): one per row, (B, 1)."""

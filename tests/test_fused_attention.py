@@ -37,7 +37,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_against_reference(
     batch=2, heads=4, kv_heads=2, n=37, head_dim=16, size=(3, 5), padding="both", group=2,
-    dtype=torch.float32, starts=None, ends=None, documents=None, per_token=False, seed=0,
+    dtype=torch.float32, starts=None, ends=None, documents=None, per_token=False, dropout=0.0, seed=0,
 ):
     """Fused against the reference run on each span alone: a row's real tokens [starts[b], ends[b]) (padding
     around them; given per row, or with `per_token` per token), or with `documents` (per row, the begin of each
@@ -68,7 +68,7 @@ def check_against_reference(
         spans = [list(zip(row, row[1:] + [n])) for row in documents]
     inputs = [t for t in (q, k, v, theta, mix) if t is not None]
 
-    out = mta_triton.mta_attention_fused(q, k, v, theta, mix, padding, segments)
+    out = mta_triton.mta_attention_fused(q, k, v, theta, mix, padding, segments, dropout_p=dropout, dropout_seed=99)
     grad_out = torch.randn(out.shape, generator=generator, device=DEVICE).to(dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
 
@@ -81,8 +81,12 @@ def check_against_reference(
         for begin, end in row_spans:
             part = (slice(row, row + 1), slice(None), slice(begin, end))
             causal = torch.ones(end - begin, end - begin, dtype=torch.bool, device=DEVICE).tril()
-            ref[part], _ = mta_attention(q64[part], k64[part], v64[part], causal, theta64, None, None, mix64,
-                                         key_padding=padding)
+            ref[part], probs = mta_attention(q64[part], k64[part], v64[part], causal, theta64, None, None, mix64,
+                                             key_padding=padding)
+            if dropout:  # the reference's maps through the kernel's masks
+                keep = mta_triton.dropout_keep_scale(batch, heads, n, group or 1, dropout, 99, DEVICE)
+                values = v64[part].repeat_interleave(heads // kv_heads, dim=1)
+                ref[part] = (probs * keep[part[0], :, begin:end, begin:end]) @ values
     ref_grads = torch.autograd.grad(ref, wide, grad_out.double())
 
     tolerance = TOLERANCE[dtype]
@@ -131,6 +135,27 @@ PACKED_CASES = [
 @pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_packed_documents_match_each_document_alone(case):
     check_against_reference(**case)
+
+
+DROPOUT_CASES = [
+    dict(),  # kq conv + head mix 2: each target head its own mask
+    dict(size=None, group=4, kv_heads=1),
+    dict(group=None, documents=[[0, 9, 20], [0, 30]]),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_dropout_matches_the_reference_through_the_same_masks(case):
+    check_against_reference(**{"starts": [0, 5], "ends": [37, 30], "dropout": 0.3, **case})
+
+
+def test_dropout_masks_drop_at_the_rate_asked_and_differ_per_head():
+    keep = mta_triton.dropout_keep_scale(2, 4, 64, 2, 0.25, 7, DEVICE)
+    assert keep.unique().tolist() == [0.0, torch.tensor(1 / 0.75).item()]
+    assert abs((keep == 0).float().mean().item() - 0.25) < 0.01
+    assert not torch.equal(keep[:, 0], keep[:, 1]) and not torch.equal(keep[0], keep[1])
+    assert torch.equal(keep, mta_triton.dropout_keep_scale(2, 4, 64, 2, 0.25, 7, DEVICE))
+    assert not torch.equal(keep, mta_triton.dropout_keep_scale(2, 4, 64, 2, 0.25, 8, DEVICE))
 
 
 def test_padding_given_per_token():
@@ -357,7 +382,8 @@ def small_inputs(seed=0, heads=4, kv_heads=2, n=21, head_dim=16, size=(3, 5), gr
 def test_the_kernels_are_a_well_formed_custom_op():
     q, k, v, theta, _ = small_inputs()
     segments = mta_triton.row_segments(torch.tensor([0, 4]), torch.tensor([21, 18]))
-    torch.library.opcheck(mta_triton._attention_op, (q, k, v, theta, "both", 2, *segments))
+    seed = torch.tensor([5], device=DEVICE)
+    torch.library.opcheck(mta_triton._attention_op, (q, k, v, theta, "both", 2, *segments, 0.2, seed))
 
 
 def test_torch_compile_takes_the_kernel_whole():
