@@ -504,3 +504,14 @@ def test_decoding_matches_the_reference_on_gpu_shapes(dtype):
                  dtype=dtype)
     check_decode(heads=8, kv_heads=8, head_dim=128, length=700, new=3, size=(8, 15), group=4, padding="left",
                  dtype=dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_dropout_matches_the_reference_on_gpu_shapes(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_against_reference(batch=2, heads=16, kv_heads=4, head_dim=128, n=777, size=(6, 11), group=2, dtype=dtype,
+                            starts=[0, 37], ends=[777, 766], dropout=0.1)
+    # The toy task's attention: 2 heads of 128, kq conv 2 x 9, no head mixing, 321 tokens.
+    check_against_reference(batch=4, heads=2, kv_heads=2, head_dim=128, n=321, size=(2, 9), group=None, dtype=dtype,
+                            dropout=0.1)
