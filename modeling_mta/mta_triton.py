@@ -873,9 +873,22 @@ def mta_decode_fused(
         q_rows, k, v = (t.to(dtype) for t in (q_rows, k, v))
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
     theta = kq_conv_weight if kq_conv_weight is not None else q_rows.new_ones(heads, 1, 1, 1)
-    with torch.autocast(q_rows.device.type, enabled=False):
-        z = _decode(q_rows, k.contiguous(), v.contiguous(), theta, key_padding, c_h, key_start.to(torch.int32), new_rows)
+    z = _decode_op(q_rows, k.contiguous(), v.contiguous(), theta, key_padding, c_h, key_start.to(torch.int32), new_rows)
     return mix_heads(z, head_mix_post_weight) if head_mix_post_weight is not None else z
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::decode", mutates_args=())
+def _decode_op(
+    q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, key_padding: str, c_h: int,
+    key_start: torch.Tensor, new_rows: int,
+) -> torch.Tensor:
+    with torch.autocast(q_rows.device.type, enabled=False):
+        return _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows)
+
+
+@_decode_op.register_fake
+def _(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
+    return q_rows.new_empty(q_rows.shape[0], q_rows.shape[1], new_rows, c_h * q_rows.shape[3])
 
 
 def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):

@@ -515,3 +515,15 @@ def test_dropout_matches_the_reference_on_gpu_shapes(dtype):
     # The toy task's attention: 2 heads of 128, kq conv 2 x 9, no head mixing, 321 tokens.
     check_against_reference(batch=4, heads=2, kv_heads=2, head_dim=128, n=321, size=(2, 9), group=None, dtype=dtype,
                             dropout=0.1)
+
+
+def test_torch_compile_takes_the_decoding_kernel_whole():
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(2, 4, *shape, 16, generator=generator, device=DEVICE) for shape in ((5,), (30,), (30,)))
+    k, v = k[:, :2], v[:, :2]
+    theta = 0.4 * torch.randn(4, 1, 3, 5, generator=generator, device=DEVICE)
+    mix = 0.7 * torch.randn(2, 2, 2, generator=generator, device=DEVICE)
+    args = (q, k, v, theta, mix, "both", torch.tensor([0, 6], device=DEVICE), 3)
+    compiled = torch.compile(mta_triton.mta_decode_fused, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), mta_triton.mta_decode_fused(*args), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, "both", 2, torch.tensor([0, 6], dtype=torch.int32), 3))
