@@ -815,11 +815,7 @@ def mta_attention_fused(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if k.shape[1] == 0 or heads % k.shape[1]:
         raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")
-    gap = fused_coverage_gap(head_dim, tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
-                             key_padding, False, False,
-                             head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None)
-    if gap is not None:
-        raise ValueError(f"the fused MTA kernel does not cover {gap}")
+    _check_coverage(head_dim, kq_conv_weight, head_mix_post_weight, key_padding)
     device = q.device
     if segments is None:
         segments = row_segments(torch.zeros(batch, device=device), torch.full((batch,), n, device=device))
@@ -828,11 +824,7 @@ def mta_attention_fused(
         raise ValueError(f"segments must be two (batch, seq_len) = ({batch}, {n}) or two ({batch}, 1) tensors, "
                          f"got {[tuple(t.shape) for t in segments]}")
     seg_start, seg_end = (t.to(device=device, dtype=torch.int32).contiguous() for t in segments)
-    if torch.is_autocast_enabled(device.type):
-        # Under autocast (bf16 mixed-precision training) q and k leave RoPE in float32 while v is already in
-        # the autocast dtype; the kernel's products need one dtype, so it runs in the autocast dtype, as SDPA does.
-        dtype = torch.get_autocast_dtype(device.type)
-        q, k, v = (t.to(dtype) for t in (q, k, v))
+    q, k, v = _in_autocast_dtype(q, k, v)
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if dropout_p and dropout_seed is None:
@@ -861,16 +853,9 @@ def mta_decode_fused(
     Keys from key_start[b] on are real (left padding before). No N x N tensor: the kernel's queries are mixed
     first (c_k of them per row) and meet each key once, and the stripe near the diagonal is computed exactly.
     """
-    batch, heads, rows, head_dim = q_rows.shape
-    length = k.shape[2]
-    gap = fused_coverage_gap(head_dim, tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
-                             key_padding, False, False,
-                             head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None)
-    if gap is not None:
-        raise ValueError(f"the fused MTA kernel does not cover {gap}")
-    if torch.is_autocast_enabled(q_rows.device.type):
-        dtype = torch.get_autocast_dtype(q_rows.device.type)
-        q_rows, k, v = (t.to(dtype) for t in (q_rows, k, v))
+    heads, head_dim = q_rows.shape[1], q_rows.shape[3]
+    _check_coverage(head_dim, kq_conv_weight, head_mix_post_weight, key_padding)
+    q_rows, k, v = _in_autocast_dtype(q_rows, k, v)
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
     theta = kq_conv_weight if kq_conv_weight is not None else q_rows.new_ones(heads, 1, 1, 1)
     z = _decode_op(q_rows, k.contiguous(), v.contiguous(), theta, key_padding, c_h, key_start.to(torch.int32), new_rows)
@@ -943,6 +928,23 @@ def dropout_keep_scale(batch: int, heads: int, n: int, c_h: int, dropout_p: floa
     _dropout_keep_kernel[(triton.cdiv(n, block), triton.cdiv(n, block), batch * heads // c_h)](
         out, seed, n, heads, dropout_p, C_H=c_h, BLOCK=block)
     return out
+
+
+def _check_coverage(head_dim, kq_conv_weight, head_mix_post_weight, key_padding):
+    gap = fused_coverage_gap(head_dim, tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
+                             key_padding, False, False,
+                             head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None)
+    if gap is not None:
+        raise ValueError(f"the fused MTA kernel does not cover {gap}")
+
+
+def _in_autocast_dtype(q, k, v):
+    """Under autocast (bf16 mixed-precision training) q and k leave RoPE in float32 while v is already in the
+    autocast dtype; the kernels' products need one dtype, so they run in the autocast dtype, as SDPA does."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) for t in (q, k, v))
 
 
 def row_segments(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
