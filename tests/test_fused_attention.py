@@ -527,3 +527,24 @@ def test_torch_compile_takes_the_decoding_kernel_whole():
     compiled = torch.compile(mta_triton.mta_decode_fused, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), mta_triton.mta_decode_fused(*args), rtol=1e-6, atol=1e-6)
     torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, "both", 2, torch.tensor([0, 6], dtype=torch.int32), 3))
+
+
+def test_the_model_trains_with_dropout_on_the_kernel(monkeypatch):
+    _, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, attention_dropout=0.3)
+    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
+    rates = []
+
+    def recording(*args, **kwargs):
+        rates.append(kwargs["dropout_p"])
+        return mta_triton.mta_attention_fused(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_mta.modeling_mta, "mta_attention_fused", recording)
+    torch.manual_seed(0)
+    first = fused.train()(ids, labels=ids).loss
+    first.backward()
+    second = fused(ids, labels=ids).loss  # other masks
+    evaluated = fused.eval()(ids, labels=ids).loss
+    assert rates == [0.3] * 6 + [0.0] * 3
+    assert first.item() != second.item() and torch.isfinite(first)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fused.parameters() if p.requires_grad)
+    assert evaluated.item() not in (first.item(), second.item())
