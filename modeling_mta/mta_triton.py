@@ -42,7 +42,6 @@ POISON_OUTPUTS = False
 
 MAX_QUERY_SIZE = 8
 MAX_KEY_SIZE = 15
-HEAD_MIX_SIZES = (1, 2, 4)
 
 
 def fused_coverage_gap(
@@ -58,8 +57,6 @@ def fused_coverage_gap(
         return "post-softmax key-query convolution"
     if has_head_mix_pre:
         return "pre-softmax head mixing"
-    if head_mix_post_size is not None and head_mix_post_size not in HEAD_MIX_SIZES:
-        return f"post-softmax head mixing in groups of {head_mix_post_size} (kernel: {HEAD_MIX_SIZES})"
     if head_dim not in (16, 32, 64, 128):
         return f"head_dim {head_dim} (kernel: 16, 32, 64, 128)"
     if kq_conv_size is not None:
@@ -238,19 +235,26 @@ def _stripe(rows, cols, STRIPE: tl.constexpr):
 
 
 @triton.jit
-def _group_values_ptrs(v_ptr, b, g, cols, stride_vb, stride_vh, stride_vn, GQA, C_H: tl.constexpr, D: tl.constexpr):
-    """Pointers to the values of the c_h heads of group g side by side: a (cols x C_H * d) tile."""
-    c = tl.arange(0, C_H * D)
-    kv_head = (g * C_H + c // D) // GQA
+def _values_ptrs(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, GQA, E: tl.constexpr, D: tl.constexpr):
+    """Pointers to the values of the E heads first, first + 1, ... side by side: a (cols x E * d) tile."""
+    c = tl.arange(0, E * D)
+    kv_head = (first + c // D) // GQA
     return v_ptr + b * stride_vb + kv_head[None, :] * stride_vh + cols[:, None] * stride_vn + (c % D)[None, :]
 
 
 @triton.jit
-def _dropout_scale(seed_ptr, b, g, rows, cols, N, H, dropout_p, C_H: tl.constexpr):
-    """(C_H, rows, cols): 1 / (1 - p) where target head g * C_H + e keeps the probability (i, j), else 0.
+def _value_chunk(h, C_H: tl.constexpr, E: tl.constexpr):
+    """The first value head of this program's chunk: the group of source head h holds C_H value (target)
+    heads, taken E at a time (chunk = program axis 2) where all C_H do not fit side by side."""
+    return h // C_H * C_H + tl.program_id(2) * E
+
+
+@triton.jit
+def _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E: tl.constexpr):
+    """(E, rows, cols): 1 / (1 - p) where target head first + e keeps the probability (i, j), else 0.
     The mask belongs to the target head (dropout acts on the mixed probabilities) and is a function of
     (seed, batch row, head, i, j) alone, so the backward draws the same one."""
-    head = b * H + g * C_H + tl.arange(0, C_H)
+    head = b * H + first + tl.arange(0, E)
     offsets = (head[:, None, None] * N + rows[None, :, None]) * N + cols[None, None, :]
     return tl.where(tl.rand(tl.load(seed_ptr), offsets) >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
 
@@ -274,9 +278,10 @@ def _mta_fwd_kernel(
     N, H, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, E: tl.constexpr,
 ):
     pid, bh, b, h = _program(H)
+    first = _value_chunk(h, C_H, E)
     rows = pid * BM + tl.arange(0, BM)
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -286,7 +291,7 @@ def _mta_fwd_kernel(
 
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, C_H * D], dtype=tl.float32)
+    acc = tl.zeros([BM, E * D], dtype=tl.float32)
     lo, hi = _key_range(rows, rs, re, N, BN)
     for n0 in range(lo, hi, BN):
         cols = n0 + tl.arange(0, BN)
@@ -298,44 +303,76 @@ def _mta_fwd_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
+        values = tl.load(_values_ptrs(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, GQA, E, D),
                          mask=(cols < N)[:, None], other=0.0)
-        if DROPOUT:  # each target head's own mask: c_h products of (dropped P) V_e, batched
-            kept = _dropout_scale(seed_ptr, b, h // C_H, rows, cols, N, H, dropout_p, C_H) * p[None, :, :]
-            pv = _side_by_side(tl.dot(kept.to(values.dtype), _by_head(values, C_H, D), input_precision=DOT_PRECISION),
-                               C_H, D)
-        else:
-            pv = tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
+        keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
+        acc = acc * alpha[:, None] + _probs_times_values(p, values, keep, E, D, DOT_PRECISION, DROPOUT)
         m = m_new
     has_key = l > 0
     z = acc / tl.where(has_key, l, 1.0)[:, None]
-    c = tl.arange(0, C_H * D)
+    c = (first - h // C_H * C_H) * D + tl.arange(0, E * D)  # this chunk's columns of Z
     tl.store(z_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], z.to(z_ptr.dtype.element_ty),
              mask=(rows < N)[:, None])
     tl.store(lse_ptr + bh * N + rows, tl.where(has_key, m + tl.log(tl.where(has_key, l, 1.0)), 0.0), mask=rows < N)
 
 
 @triton.jit
-def _probs_and_dscores(
-    q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols, rs, re,
-    stride_qn, stride_kn, N, scale, seed_ptr, b, g, H, dropout_p,
-    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr, D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
-):
-    """The probabilities of a tile as the values met them (P; with dropout, per target head (C_H, rows,
-    cols)), and dC = P * (dP - delta), the scores' gradient, dP = dZ V^T through the dropout masks."""
+def _probs_times_values(p, values, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        DROPOUT: tl.constexpr):
+    """P [V_e]_e for E value heads side by side, each through its target head's dropout mask."""
+    if DROPOUT:  # E batched products of (dropped P) V_e
+        kept = keep * p[None, :, :]
+        return _side_by_side(tl.dot(kept.to(values.dtype), _by_head(values, E, D), input_precision=DOT_PRECISION),
+                             E, D)
+    else:
+        return tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _probs(q_base, k_base, khat_base, cband_base, lse, rows, cols, rs, re, stride_qn, stride_kn, N, scale,
+           HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, D: tl.constexpr,
+           DOT_PRECISION: tl.constexpr):
+    """The probabilities of a tile, recomputed from the scores and the rows' log-sum-exp."""
     s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, rs, re, stride_qn, stride_kn,
                      N, scale, HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
-    p = tl.where(_visible(rows, cols, rs, re), tl.exp(s - lse[:, None]), 0.0)
+    return tl.where(_visible(rows, cols, rs, re), tl.exp(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _dprobs(dz, values, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+    """The share of dP = sum_e dZ_e V_e^T of E value heads side by side, through their dropout masks."""
     if DROPOUT:
-        keep = _dropout_scale(seed_ptr, b, g, rows, cols, N, H, dropout_p, C_H)
-        dp = tl.dot(_by_head(dz, C_H, D), tl.permute(_by_head(values, C_H, D), (0, 2, 1)),
-                    input_precision=DOT_PRECISION)
-        return keep * p[None, :, :], p * (tl.sum(dp * keep, axis=0) - delta[:, None])
+        dp = tl.dot(_by_head(dz, E, D), tl.permute(_by_head(values, E, D), (0, 2, 1)), input_precision=DOT_PRECISION)
+        return tl.sum(dp * keep, axis=0)
     else:
-        dp = tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION)
-        return p, p * (dp - delta[:, None])
+        return tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
+                       stride_vb, stride_vh, stride_vn, C_H: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+    """dP of a tile over all C_H value heads, E at a time: for groups too wide to hold side by side."""
+    dp = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for chunk in tl.static_range(C_H // E):
+        first = h // C_H * C_H + chunk * E
+        c = chunk * E * D + tl.arange(0, E * D)
+        dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=(rows < N)[:, None], other=0.0)
+        values = tl.load(_values_ptrs(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, GQA, E, D),
+                         mask=(cols < N)[:, None], other=0.0)
+        keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
+        dp += _dprobs(dz, values, keep, E, D, DOT_PRECISION, DROPOUT)
+    return dp
+
+
+@triton.jit
+def _dvalues(p, dz, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+    """P^T dZ_e for E value heads side by side, with the P each met (through its dropout mask)."""
+    if DROPOUT:
+        kept = tl.permute(keep * p[None, :, :], (0, 2, 1))
+        return _side_by_side(tl.dot(kept.to(dz.dtype), _by_head(dz, E, D), input_precision=DOT_PRECISION), E, D)
+    else:
+        return tl.dot(tl.trans(p.to(dz.dtype)), dz, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -346,24 +383,25 @@ def _mta_bwd_dkdv_kernel(
     N, H, H_KV, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
     C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PACKED: tl.constexpr, DROPOUT: tl.constexpr,
+    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
 ):
-    """One key block of one source head: gradients of the group's values, and of k and theta."""
+    """One key block of one source head: gradients of k and theta, and of the group's values when they fit
+    side by side (E = C_H; else `_mta_bwd_dv_kernel` makes those)."""
     pid, bh, b, h = _program(H)
     kvh = h // GQA
     cols = pid * BN + tl.arange(0, BN)
     cs, ce = _segments(seg_start_ptr, seg_end_ptr, b, cols, N, PACKED)
     col_ok = (cols >= cs) & (cols < ce)
     d = tl.arange(0, D)
-    c = tl.arange(0, C_H * D)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     khat_base = khat_ptr + bh * C_Q * N * D
     cband_base = cband_ptr + bh * STRIPE * N
-    v_ptrs = _group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D)
-    values = tl.load(v_ptrs, mask=(cols < N)[:, None], other=0.0)
-
-    dvalues = tl.zeros([BN, C_H * D], dtype=tl.float32)
+    first = h // C_H * C_H
+    if E == C_H:
+        values = tl.load(_values_ptrs(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
+                         mask=(cols < N)[:, None], other=0.0)
+    dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
     dkhat = ()  # with the convolution: d C / d khat_a for each query shift a; without (C_Q = 1): d C / d k
     for a in tl.static_range(C_Q):
         dkhat = dkhat + (tl.zeros([BN, D], dtype=tl.float32),)
@@ -372,21 +410,24 @@ def _mta_bwd_dkdv_kernel(
         rows = m0 + tl.arange(0, BM)
         rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
         row_ok = rows < N
-        dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + bh * N + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * N + rows, mask=row_ok, other=0.0)
-        p, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
-                                   rs, re, stride_qn, stride_kn, N, scale, seed_ptr, b, h // C_H, H, dropout_p,
-                                   HAS_CONV, C_Q, STRIPE, C_H, D, DOT_PRECISION, DROPOUT)
-        if DROPOUT:
-            dvalues += _side_by_side(tl.dot(tl.permute(p, (0, 2, 1)).to(dz.dtype), _by_head(dz, C_H, D),
-                                            input_precision=DOT_PRECISION), C_H, D)
+        p = _probs(q_base, k_base, khat_base, cband_base, lse, rows, cols, rs, re, stride_qn, stride_kn, N, scale,
+                   HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
+        if E == C_H:
+            c = tl.arange(0, C_H * D)
+            dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=row_ok[:, None], other=0.0)
+            keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, C_H) if DROPOUT else 0.0
+            ds = p * (_dprobs(dz, values, keep, C_H, D, DOT_PRECISION, DROPOUT) - delta[:, None])
+            dvalues += _dvalues(p, dz, keep, C_H, D, DOT_PRECISION, DROPOUT)
         else:
-            dvalues += tl.dot(tl.trans(p.to(dz.dtype)), dz, input_precision=DOT_PRECISION)
+            ds = p * (_dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
+                                         stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT)
+                      - delta[:, None])
         if HAS_CONV:
             if STRIPE > 0:
                 ds = tl.where(_stripe(rows, cols, STRIPE), 0.0, ds)  # the stripe's gradient goes through the band
-            ds = ds.to(dz.dtype)
+            ds = ds.to(q_ptr.dtype.element_ty)
             updated = ()
             for a in tl.static_range(C_Q):
                 src = rows - (C_Q - 1) + a
@@ -397,11 +438,10 @@ def _mta_bwd_dkdv_kernel(
         else:
             row_ok = (rows >= rs) & (rows < re)
             qt = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
-            dkhat = (dkhat[0] + tl.dot(tl.trans(ds.to(dz.dtype)), qt, input_precision=DOT_PRECISION),)
+            dkhat = (dkhat[0] + tl.dot(tl.trans(ds.to(q_ptr.dtype.element_ty)), qt, input_precision=DOT_PRECISION),)
 
-    dv_ptrs = dv_ptr + (b * H_KV * N + cols[:, None]) * D + ((h // C_H * C_H + c // D) // GQA)[None, :] * N * D \
-        + (c % D)[None, :]
-    tl.atomic_add(dv_ptrs, dvalues, mask=col_ok[:, None])
+    if E == C_H:
+        _add_dvalues(dv_ptr, dvalues, b, first, cols, col_ok, N, H_KV, GQA, E, D)
     dk_base = dk_ptr + (b * H_KV + kvh) * N * D
     if HAS_CONV:
         # khat_a[j] = sum_t theta[a, t] k[j - PAD + t]: send each khat gradient back through the kernel.
@@ -420,6 +460,49 @@ def _mta_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _add_dvalues(dv_ptr, dvalues, b, first, cols, col_ok, N, H_KV, GQA, E: tl.constexpr, D: tl.constexpr):
+    """Adds a (cols x E * d) tile of value gradients, heads first.. side by side, to dv (B, H_kv, N, d) float32."""
+    c = tl.arange(0, E * D)
+    kv_head = (first + c // D) // GQA
+    tl.atomic_add(dv_ptr + (b * H_KV * N + cols[:, None]) * D + kv_head[None, :] * N * D + (c % D)[None, :],
+                  dvalues, mask=col_ok[:, None])
+
+
+@triton.jit
+def _mta_bwd_dv_kernel(
+    q_ptr, k_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, dv_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    N, H, H_KV, GQA, scale, dropout_p,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr, E: tl.constexpr,
+):
+    """For groups too wide to hold side by side: one key block of one source head, the gradients of one
+    chunk of E of its group's values (P^T dZ_e, P recomputed)."""
+    pid, bh, b, h = _program(H)
+    first = _value_chunk(h, C_H, E)
+    cols = pid * BN + tl.arange(0, BN)
+    cs, ce = _segments(seg_start_ptr, seg_end_ptr, b, cols, N, PACKED)
+    col_ok = (cols >= cs) & (cols < ce)
+    c = (first - h // C_H * C_H) * D + tl.arange(0, E * D)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
+    khat_base = khat_ptr + bh * C_Q * N * D
+    cband_base = cband_ptr + bh * STRIPE * N
+    dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
+    for m0 in range((pid * BN) // BM * BM, tl.max(tl.where(col_ok, ce, 0), axis=0), BM):
+        rows = m0 + tl.arange(0, BM)
+        rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
+        lse = tl.load(lse_ptr + bh * N + rows, mask=rows < N, other=0.0)
+        p = _probs(q_base, k_base, khat_base, cband_base, lse, rows, cols, rs, re, stride_qn, stride_kn, N, scale,
+                   HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
+        dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=(rows < N)[:, None], other=0.0)
+        keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
+        dvalues += _dvalues(p, dz, keep, E, D, DOT_PRECISION, DROPOUT)
+    _add_dvalues(dv_ptr, dvalues, b, first, cols, col_ok, N, H_KV, GQA, E, D)
+
+
+@triton.jit
 def _mta_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, delta_ptr, dq_ptr, dcband_ptr, seg_start_ptr, seg_end_ptr,
     seed_ptr,
@@ -427,7 +510,7 @@ def _mta_bwd_dq_kernel(
     N, H, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, E: tl.constexpr,
 ):
     """One query block of one source head: the gradient of q, and the stripe's share of dC."""
     pid, bh, b, h = _program(H)
@@ -435,12 +518,14 @@ def _mta_bwd_dq_kernel(
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     row_in = rows < N
     d = tl.arange(0, D)
-    c = tl.arange(0, C_H * D)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
     khat_base = khat_ptr + bh * C_Q * N * D
     cband_base = cband_ptr + bh * STRIPE * N
-    dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=row_in[:, None], other=0.0)
+    first = h // C_H * C_H
+    if E == C_H:
+        c = tl.arange(0, C_H * D)
+        dz = tl.load(dz_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], mask=row_in[:, None], other=0.0)
     lse = tl.load(lse_ptr + bh * N + rows, mask=row_in, other=0.0)
     delta = tl.load(delta_ptr + bh * N + rows, mask=row_in, other=0.0)
 
@@ -450,18 +535,24 @@ def _mta_bwd_dq_kernel(
     lo, hi = _key_range(rows, rs, re, N, BN)
     for n0 in range(lo, hi, BN):
         cols = n0 + tl.arange(0, BN)
-        values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
-                         mask=(cols < N)[:, None], other=0.0)
-        _, ds = _probs_and_dscores(q_base, k_base, khat_base, cband_base, dz, lse, delta, values, rows, cols,
-                                   rs, re, stride_qn, stride_kn, N, scale, seed_ptr, b, h // C_H, H, dropout_p,
-                                   HAS_CONV, C_Q, STRIPE, C_H, D, DOT_PRECISION, DROPOUT)
+        p = _probs(q_base, k_base, khat_base, cband_base, lse, rows, cols, rs, re, stride_qn, stride_kn, N, scale,
+                   HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
+        if E == C_H:
+            values = tl.load(_values_ptrs(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
+                             mask=(cols < N)[:, None], other=0.0)
+            keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, C_H) if DROPOUT else 0.0
+            dp = _dprobs(dz, values, keep, C_H, D, DOT_PRECISION, DROPOUT)
+        else:
+            dp = _dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
+                                    stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT)
+        ds = p * (dp - delta[:, None])
         if HAS_CONV:
             if STRIPE > 0:
                 stripe = _stripe(rows, cols, STRIPE) & row_in[:, None]
                 t = cols[None, :] - rows[:, None] + (STRIPE - 1)
                 tl.store(dcband_ptr + bh * STRIPE * N + t * N + rows[:, None], ds, mask=stripe)
                 ds = tl.where(stripe, 0.0, ds)
-            ds = ds.to(dz.dtype)
+            ds = ds.to(q_ptr.dtype.element_ty)
             updated = ()
             for a in tl.static_range(C_Q):
                 kh = tl.load(khat_base + (a * N + cols[:, None]) * D + d[None, :], mask=(cols < N)[:, None],
@@ -470,7 +561,7 @@ def _mta_bwd_dq_kernel(
             dq = updated
         else:
             kt = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=(cols < N)[:, None], other=0.0)
-            dq = (dq[0] + tl.dot(ds.to(dz.dtype), kt, input_precision=DOT_PRECISION),)
+            dq = (dq[0] + tl.dot(ds.to(q_ptr.dtype.element_ty), kt, input_precision=DOT_PRECISION),)
 
     dq_base = dq_ptr + bh * N * D
     for a in tl.static_range(C_Q):
@@ -486,7 +577,7 @@ def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, 
     g = tl.program_id(2) % (H // C_H)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    scale = _dropout_scale(seed_ptr, b, g, rows, cols, N, H, dropout_p, C_H)
+    scale = _dropout_scale(seed_ptr, b, g * C_H, rows, cols, N, H, dropout_p, C_H)
     head = b * H + g * C_H + tl.arange(0, C_H)
     ok = (rows < N)[None, :, None] & (cols < N)[None, None, :]
     tl.store(out_ptr + (head[:, None, None] * N + rows[None, :, None]) * N + cols[None, None, :], scale, mask=ok)
@@ -498,7 +589,7 @@ def _mta_decode_kernel(
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     M, L, H, GQA,
     C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, E: tl.constexpr,
 ):
     """New query rows against a cache of L keys: row m is the token at L - M + m, and its scores are
     C[i, j] = sum_b qhat_b[i] . k[j - PAD + b] away from the diagonal (qhat: the queries mixed by the
@@ -508,6 +599,7 @@ def _mta_decode_kernel(
     rows = pid * BM + tl.arange(0, BM)
     pos = L - M + rows
     start = tl.load(start_ptr + b)
+    first = _value_chunk(h, C_H, E)
     row_ok = (rows < M) & (pos >= start)
     d = tl.arange(0, D)
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
@@ -515,7 +607,7 @@ def _mta_decode_kernel(
 
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, C_H * D], dtype=tl.float32)
+    acc = tl.zeros([BM, E * D], dtype=tl.float32)
     for n0 in range(start // BN * BN, tl.max(tl.where(row_ok, pos + 1, 0), axis=0), BN):
         cols = n0 + tl.arange(0, BN)
         s = tl.zeros([BM, BN], dtype=tl.float32)
@@ -537,12 +629,12 @@ def _mta_decode_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, axis=1)
-        values = tl.load(_group_values_ptrs(v_ptr, b, h // C_H, cols, stride_vb, stride_vh, stride_vn, GQA, C_H, D),
+        values = tl.load(_values_ptrs(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, GQA, E, D),
                          mask=(cols < L)[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
         m = m_new
     z = acc / tl.where(l > 0, l, 1.0)[:, None]
-    c = tl.arange(0, C_H * D)
+    c = (first - h // C_H * C_H) * D + tl.arange(0, E * D)
     tl.store(z_ptr + (bh * M + rows[:, None]) * (C_H * D) + c[None, :], z.to(z_ptr.dtype.element_ty),
              mask=(rows < M)[:, None])
 
@@ -600,8 +692,19 @@ def _output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
-def _grid(n: int, block: int, batch_heads: int):
-    return (triton.cdiv(n, block), batch_heads)
+def _grid(n: int, block: int, batch_heads: int, chunks: int = 1):
+    return (triton.cdiv(n, block), batch_heads, chunks)
+
+
+def value_chunk(c_h: int, head_dim: int) -> int:
+    """How many of a group's c_h value heads one program holds side by side: all for 1, 2 or 4 (the tilings
+    measured on the GPU), else the largest power of two up to 4 that divides c_h and keeps E * d <= 256."""
+    if c_h in (1, 2, 4):
+        return c_h
+    e = 4
+    while c_h % e or e * head_dim > 256:
+        e //= 2
+    return max(e, 1)
 
 
 # (BM, BN, num_warps, num_stages) to use instead of `_blocks`' choice: benchmarks set it to compare tilings.
@@ -630,12 +733,14 @@ class _Launch:
         self.pad = key_padding_left(key_padding, self.c_k) if self.has_conv else 0
         self.stripe = (self.c_q - 1) + (self.c_k - 1 - self.pad) if self.has_conv else 0
         self.c_h = c_h
+        self.e = value_chunk(c_h, q.shape[-1])
+        self.chunks = c_h // self.e
         self.scale = 1.0 / math.sqrt(q.shape[-1])
-        self.bm, self.bn, warps, stages = _blocks(q.shape[-1], self.c_q, c_h, q.element_size())
+        self.bm, self.bn, warps, stages = _blocks(q.shape[-1], self.c_q, self.e, q.element_size())
         self.constants = dict(
             HAS_CONV=self.has_conv, C_Q=self.c_q, STRIPE=self.stripe, C_H=c_h, BM=self.bm, BN=self.bn, D=q.shape[-1],
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=seg_start.shape[-1] > 1,
-            DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
+            DROPOUT=dropout_p > 0, E=self.e, num_warps=warps, num_stages=stages,
         )
 
 
@@ -653,7 +758,7 @@ def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout
     khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
     z = _output((batch, heads, n, c_h * head_dim), q)
     lse = _output((batch, heads, n), q, torch.float32)
-    _mta_fwd_kernel[_grid(n, run.bm, batch * heads)](
+    _mta_fwd_kernel[_grid(n, run.bm, batch * heads, run.chunks)](
         q, k, v, khat, cband, z, lse, seg_start, seg_end, seed, *_strides(q, k, v),
         n, heads, heads // k.shape[1], run.scale, dropout_p, **run.constants,
     )
@@ -682,6 +787,12 @@ def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg
         q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, seed, *_strides(q, k, v),
         n, heads, heads // kv_heads, run.scale, dropout_p, **run.constants,
     )
+    if run.chunks > 1:
+        _mta_bwd_dv_kernel[_grid(n, run.bn, batch * heads, run.chunks)](
+            q, k, khat, cband, dz, lse, dv, seg_start, seg_end, seed,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            n, heads, kv_heads, heads // kv_heads, run.scale, dropout_p, **run.constants,
+        )
     if run.has_conv and run.stripe > 0:
         band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
         dband, dtheta_band = stripe_scores_backward(band, theta32, run.stripe, seg_start, dcband)
@@ -805,7 +916,8 @@ def mta_attention_fused(
     [seg_start[b, t], seg_end[b, t]) and is real iff it lies inside it. Attention and convolution stay
     inside each span, as if each ran alone: the documents of a packed row (`document_segments`), or, as
     (B, 1) tensors, one span per row, its real tokens between padding (`row_segments`). Default: whole rows.
-    Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15) and post-softmax head mixing (c_h in 1, 2, 4).
+    Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15) and post-softmax head mixing in groups of any size
+    (all heads included; beyond 4 the group's value heads are taken `value_chunk` at a time).
     `dropout_p` drops entries of the final attention maps (after head mixing) as the reference does in
     training; the masks follow from `dropout_seed` (`dropout_keep_scale` makes them), by default drawn
     from torch's generator.
@@ -898,13 +1010,14 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
         cband = cband[..., rows - new_rows:].contiguous()
     z = _output((batch, heads, new_rows, c_h * head_dim), q_rows)
     block_m = 16
-    block_n = 64 if head_dim * c_h <= 256 else 32
-    _mta_decode_kernel[_grid(new_rows, block_m, batch * heads)](
+    e = value_chunk(c_h, head_dim)
+    block_n = 64 if head_dim * e <= 256 else 32
+    _mta_decode_kernel[_grid(new_rows, block_m, batch * heads, c_h // e)](
         qhat, k, v, cband, z, key_start,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         new_rows, length, heads, heads // k.shape[1],
         C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, BM=block_m, BN=block_n, D=head_dim,
-        DOT_PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32", E=e,
     )
     return z
 

@@ -137,6 +137,26 @@ def test_packed_documents_match_each_document_alone(case):
     check_against_reference(**case)
 
 
+WIDE_GROUP_CASES = [
+    dict(heads=8, kv_heads=2, group=8),  # full head mixing ("linear head"): two chunks of 4 value heads
+    dict(heads=16, kv_heads=4, group=16, size=None, head_dim=32),  # four chunks of 4
+    dict(heads=6, kv_heads=3, group=6, size=(2, 3), padding="left"),  # not a power of two: chunks of 2
+    dict(heads=8, kv_heads=2, group=8, dropout=0.3),
+    dict(heads=8, kv_heads=2, group=8, documents=[[0, 11, 12], [0, 30]]),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_GROUP_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_wide_head_mixing_groups_match_the_reference(case):
+    assert mta_triton.value_chunk(case["group"], case.get("head_dim", 16)) < case["group"]  # the chunked path
+    check_against_reference(**{"starts": [0, 5], "ends": [37, 30], **case})
+
+
+def test_decoding_with_wide_head_mixing_groups():
+    check_decode(heads=8, kv_heads=2, group=8)
+    check_decode(heads=6, kv_heads=6, group=6, size=None, new=5)
+
+
 DROPOUT_CASES = [
     dict(),  # kq conv + head mix 2: each target head its own mask
     dict(size=None, group=4, kv_heads=1),
@@ -187,7 +207,7 @@ def test_coverage_gaps_are_named():
     assert gap(64, (6, 11), "both", False, False, 2) is None
     assert "post-softmax key-query convolution" in gap(64, (6, 11), "both", True, False, 2)
     assert "pre-softmax head mixing" in gap(64, None, "both", False, True, None)
-    assert "groups of 8" in gap(64, None, "both", False, False, 8)
+    assert gap(128, (6, 11), "both", False, False, 16) is None
     assert "9 x 11" in gap(64, (9, 11), "both", False, False, None)
     assert "head_dim 96" in gap(96, None, "both", False, False, 2)
     with pytest.raises(ValueError, match="does not cover"):
@@ -326,6 +346,8 @@ GPU_CASES = [
     dict(heads=8, kv_heads=2, head_dim=64, n=700, size=(4, 9), padding="left", group=1),
     dict(heads=8, kv_heads=8, head_dim=64, n=640, size=(3, 7), padding="right", group=None),
     dict(heads=16, kv_heads=4, head_dim=128, n=1000, size=(6, 11), group=2, documents=[[0, 100, 357, 358, 700], [0, 513]]),
+    dict(heads=16, kv_heads=4, head_dim=128, n=513, size=(6, 11), group=16),  # full mixing: 8 chunks of 2 x 128
+    dict(heads=12, kv_heads=12, head_dim=64, n=700, size=None, group=12),  # groups of 12: 3 chunks of 4 x 64
 ]
 
 
