@@ -266,17 +266,29 @@ class AttentionLayout:
         return self._key_starts[0]
 
     def _build_key_starts(self):
-        mask = self.attention_mask
         key_len = self.past_len + self.query_len
-        if mask is None:
+        if self.attention_mask is None:
             return torch.zeros(self.batch, dtype=torch.int32, device=self.device)
+        run = self._real_run()
+        if run is None:
+            return None
+        start, end = run
+        empty = start == end
+        if not bool((empty | (end == key_len)).all()):  # right padding: not what generation makes
+            return None
+        return torch.where(empty, key_len, start).int()
+
+    def _real_run(self):
+        """(start, end) per row when the 2-D mask's real tokens are one run with padding only around it, else None."""
+        mask = self.attention_mask
         if mask.dim() != 2:
             return None
         valid = mask.bool()
-        start = torch.where(valid.any(-1), valid.int().argmax(-1), key_len)
-        if not bool((valid == (torch.arange(key_len, device=valid.device) >= start[:, None])).all()):
-            return None
-        return start.int()
+        count = valid.sum(-1)
+        start = torch.where(count > 0, valid.int().argmax(-1), 0)
+        positions = torch.arange(valid.shape[-1], device=valid.device)
+        ranged = (positions >= start[:, None]) & (positions < (start + count)[:, None])
+        return (start, start + count) if bool((ranged == valid).all()) else None
 
     def segments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per token, the [start, end) of its span: its document, as two (B, N) int32 tensors, or its row's
@@ -294,17 +306,8 @@ class AttentionLayout:
         if mask is None:
             zeros = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
             return row_segments(zeros, zeros + self.query_len)
-        if mask.dim() != 2:
-            return None
-        valid = mask.bool()
-        count = valid.sum(-1)
-        start = valid.int().argmax(-1)
-        start = torch.where(count > 0, start, 0)
-        positions = torch.arange(self.query_len, device=self.device)
-        ranged = (positions >= start[:, None]) & (positions < (start + count)[:, None])
-        if not bool((ranged == valid).all()):
-            return None
-        return row_segments(start, start + count)
+        run = self._real_run()
+        return row_segments(*run) if run is not None else None
 
 
 class MTAAttention(nn.Module):

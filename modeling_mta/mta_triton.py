@@ -272,6 +272,17 @@ def _side_by_side(x, C_H: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax(s, m, l):
+    """One key block of the online softmax: the block's unnormalised probabilities, the factor that rescales
+    what came before, and the new running max and sum."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    return p, alpha, m_new, l * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _mta_fwd_kernel(
     q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -298,11 +309,7 @@ def _mta_fwd_kernel(
         s = _scores_tile(q_base, k_base, khat_base, cband_base, rows, cols, rs, re, stride_qn, stride_kn,
                          N, scale, HAS_CONV, C_Q, STRIPE, D, DOT_PRECISION)
         s = tl.where(_visible(rows, cols, rs, re), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l = _online_softmax(s, m, l)
         values = tl.load(_values_ptrs(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, GQA, E, D),
                          mask=(cols < N)[:, None], other=0.0)
         keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
@@ -624,11 +631,7 @@ def _mta_decode_kernel(
             s = tl.where(in_stripe, exact, s)
         visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] >= start) & row_ok[:, None]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l = _online_softmax(s, m, l)
         values = tl.load(_values_ptrs(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, GQA, E, D),
                          mask=(cols < L)[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
@@ -704,7 +707,7 @@ def value_chunk(c_h: int, head_dim: int) -> int:
     e = 4
     while c_h % e or e * head_dim > 256:
         e //= 2
-    return max(e, 1)
+    return e
 
 
 # (BM, BN, num_warps, num_stages) to use instead of `_blocks`' choice: benchmarks set it to compare tilings.
