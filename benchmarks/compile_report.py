@@ -20,8 +20,9 @@ from modeling_mta import mta_triton as mt
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
-FLOAT_ARGS = {"scale"}
-INT32_POINTERS = {"start_ptr", "end_ptr"}
+FLOAT_ARGS = {"scale", "dropout_p"}
+INT32_POINTERS = {"seg_start_ptr", "seg_end_ptr", "start_ptr"}
+INT64_POINTERS = {"seed_ptr"}
 FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "cband_ptr", "dcband_ptr", "band_ptr", "dband_ptr", "theta_ptr",
                     "dtheta_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 
@@ -32,7 +33,8 @@ def signature(kernel, constexprs: dict, dtype: str) -> dict:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*i32" if name in INT32_POINTERS else "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}"
+            sig[name] = ("*i32" if name in INT32_POINTERS else "*i64" if name in INT64_POINTERS
+                         else "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}")
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
     return sig
@@ -56,21 +58,36 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", nargs="*", default=[], help="BM,BN,WARPS,STAGES tilings to report besides the default")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--variants", action="store_true",
+                        help="also packed rows, dropout, a group of 16 (value heads in chunks) and the decode kernel")
     args = parser.parse_args()
     for head_dim in args.head_dims:
-        for has_conv, c_h in ((True, 2), (False, 2)):
+        layers = [(True, 2, {}), (False, 2, {})]
+        if args.variants:
+            layers += [(True, 2, dict(PACKED=True)), (True, 2, dict(DROPOUT=True)), (True, 16, dict(DROPOUT=True))]
+        for has_conv, c_h, flags in layers:
             c_q, c_k, pad = (6, 11, 5) if has_conv else (1, 1, 0)
             stripe = (c_q - 1) + (c_k - 1 - pad) if has_conv else 0
-            for blocks in [mt._blocks(head_dim, c_q, c_h, 2)] + [tuple(int(x) for x in b.split(",")) for b in args.blocks]:
-                report_layer(head_dim, has_conv, c_q, c_k, pad, stripe, c_h, *blocks)
+            e = mt.value_chunk(c_h, head_dim)
+            for blocks in [mt._blocks(head_dim, c_q, e, 2)] + [tuple(int(x) for x in b.split(",")) for b in args.blocks]:
+                report_layer(head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, *blocks)
+        if args.variants:
+            decode = dict(C_K=11, PAD=5, STRIPE=10, C_H=2, BM=16, BN=64 if head_dim <= 128 else 32, D=head_dim,
+                          DOT_PRECISION="tf32", E=2)
+            print(f"d={head_dim:<3} decode 6x11 c_h=2  {report(mt._mta_decode_kernel, decode, 4, 2)}", flush=True)
 
 
-def report_layer(head_dim, has_conv, c_q, c_k, pad, stripe, c_h, bm, bn, warps, stages):
-    common = dict(HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim, DOT_PRECISION="tf32")
-    label = f"d={head_dim:<3} conv={'6x11' if has_conv else 'none':<4} c_h={c_h} BM={bm} BN={bn} warps={warps} stages={stages}"
+def report_layer(head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, bm, bn, warps, stages):
+    common = dict(dict(HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
+                       DOT_PRECISION="tf32", PACKED=False, DROPOUT=False, E=e), **flags)
+    extra = "".join(f" {name.lower()}" for name, on in flags.items() if on)
+    label = (f"d={head_dim:<3} conv={'6x11' if has_conv else 'none':<4} c_h={c_h:<2} E={e} BM={bm} BN={bn} "
+             f"warps={warps} stages={stages}{extra}")
     print(f"{label}  fwd   {report(mt._mta_fwd_kernel, common, warps, stages)}", flush=True)
     print(f"{label}  dkdv  {report(mt._mta_bwd_dkdv_kernel, dict(common, C_K=c_k, PAD=pad), warps, stages)}", flush=True)
     print(f"{label}  dq    {report(mt._mta_bwd_dq_kernel, common, warps, stages)}", flush=True)
+    if e < c_h:
+        print(f"{label}  dv    {report(mt._mta_bwd_dv_kernel, common, warps, stages)}", flush=True)
 
 
 if __name__ == "__main__":
