@@ -100,15 +100,17 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=[f"{h}x{d}" for h, d in SHAPES], help="HEADSxHEAD_DIM")
     parser.add_argument("--impls", nargs="+", default=["sdpa", "mta_kq", "mta_headmix", "reference"])
     parser.add_argument("--max-reference-len", type=int, default=16384, help="skip the reference beyond this N")
-    parser.add_argument("--blocks", help="BM,BN,WARPS,STAGES for the fused kernels instead of their default choice")
+    parser.add_argument("--tiles", nargs="+", default=[], metavar="KERNEL=BM,BN,WARPS,STAGES",
+                        help=f"tilings to use instead of the default, per kernel of {mta_triton.KERNELS}")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--markdown", type=Path, help="print the rows of this JSON file as a markdown table and exit")
     args = parser.parse_args()
     if args.markdown:
         print(markdown_table(json.loads(args.markdown.read_text())))
         return
-    if args.blocks:
-        mta_triton.BLOCKS_OVERRIDE = tuple(int(x) for x in args.blocks.split(","))
+    for tiles in args.tiles:
+        kernel, tiling = tiles.split("=")
+        mta_triton.TILES_OVERRIDE[kernel] = tuple(int(x) for x in tiling.split(","))
 
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch 1, bf16, causal")

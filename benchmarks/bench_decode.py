@@ -13,9 +13,11 @@ import statistics
 import time
 
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import modeling_mta  # noqa: F401  (registers the model)
+from bench_model import DECODE_SDPA_BACKENDS  # (a sibling script)
 from conversion import retrofit_llama
 from modeling_mta.modeling_mta import CACHE_FIELD
 
@@ -72,7 +74,8 @@ def main():
     print(f"{'context':>8} | {'Llama ms/token':>14} | {'MTA ms/token':>12} | {'MTA / Llama':>11}")
     print(f"{'-' * 8}-+-{'-' * 14}-+-{'-' * 12}-+-{'-' * 11}")
     for context in args.contexts:
-        llama_ms = decode_ms_per_token(llama, context, args.steps, args.chunk, args.device, vocab)
+        with sdpa_kernel(DECODE_SDPA_BACKENDS):
+            llama_ms = decode_ms_per_token(llama, context, args.steps, args.chunk, args.device, vocab)
         mta_ms = decode_ms_per_token(mta, context, args.steps, args.chunk, args.device, vocab)
         print(f"{context:>8} | {llama_ms:>14.2f} | {mta_ms:>12.2f} | {mta_ms / llama_ms:>11.2f}")
 

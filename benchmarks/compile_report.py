@@ -40,8 +40,17 @@ def signature(kernel, constexprs: dict, dtype: str) -> dict:
     return sig
 
 
+def aligned(kernel, sig: dict) -> dict:
+    """The divisibility hints a launch gives Triton: pointers from torch and the strides and lengths of the
+    benchmarks' shapes are multiples of 16. Without them the loads cannot be asynchronous copies, and the
+    report would miss the shared memory that their pipelining takes."""
+    return {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in sig.items()
+            if kind.startswith("*") or (kind == "i32" and (name.startswith("stride") or name in ("N", "M", "L")))}
+
+
 def report(kernel, constexprs: dict, num_warps: int, num_stages: int, dtype: str = "bf16") -> str:
-    source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, dtype), constexprs=constexprs)
+    sig = signature(kernel, constexprs, dtype)
+    source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=aligned(kernel, sig))
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "k.cubin"
@@ -56,11 +65,14 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int, dtype: str
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", nargs="*", default=[], help="BM,BN,WARPS,STAGES tilings to report besides the default")
+    parser.add_argument("--tiles", nargs="*", default=[], metavar="BM,BN,WARPS,STAGES",
+                        help="tilings to report for every kernel besides each kernel's default")
+    parser.add_argument("--kernels", nargs="+", default=list(mt.KERNELS), choices=mt.KERNELS)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--variants", action="store_true",
                         help="also packed rows, dropout, a group of 16 (value heads in chunks) and the decode kernel")
     args = parser.parse_args()
+    extra = [tuple(int(x) for x in t.split(",")) for t in args.tiles]
     for head_dim in args.head_dims:
         layers = [(True, 2, {}), (False, 2, {})]
         if args.variants:
@@ -69,25 +81,30 @@ def main():
             c_q, c_k, pad = (6, 11, 5) if has_conv else (1, 1, 0)
             stripe = (c_q - 1) + (c_k - 1 - pad) if has_conv else 0
             e = mt.value_chunk(c_h, head_dim)
-            for blocks in [mt._blocks(head_dim, c_q, e, 2)] + [tuple(int(x) for x in b.split(",")) for b in args.blocks]:
-                report_layer(head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, *blocks)
+            for kernel in args.kernels:
+                if kernel == "dv" and e == c_h:
+                    continue  # only groups in chunks have a dV kernel
+                for tiles in [mt._tiles(kernel, head_dim, c_q, e, c_h // e, 2, flags.get("DROPOUT", False))] + extra:
+                    report_kernel(kernel, head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, *tiles)
         if args.variants:
             decode = dict(C_K=11, PAD=5, STRIPE=10, C_H=2, BM=16, BN=64 if head_dim <= 128 else 32, D=head_dim,
                           DOT_PRECISION="tf32", E=2)
-            print(f"d={head_dim:<3} decode 6x11 c_h=2  {report(mt._mta_decode_kernel, decode, 4, 2)}", flush=True)
+            print(f"d={head_dim:<3} decode 6x11 c_h=2  {report(mt._mta_decode_kernel, decode, 4, 1)}", flush=True)
 
 
-def report_layer(head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, bm, bn, warps, stages):
-    common = dict(dict(HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
-                       DOT_PRECISION="tf32", PACKED=False, DROPOUT=False, E=e), **flags)
+KERNEL_FUNCTIONS = {"fwd": mt._mta_fwd_kernel, "dkdv": mt._mta_bwd_dkdv_kernel, "dq": mt._mta_bwd_dq_kernel,
+                    "dv": mt._mta_bwd_dv_kernel}
+
+
+def report_kernel(kernel, head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, bm, bn, warps, stages):
+    constexprs = dict(dict(HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
+                           DOT_PRECISION="tf32", PACKED=False, DROPOUT=False, E=e), **flags)
+    if kernel == "dkdv":
+        constexprs.update(C_K=c_k, PAD=pad)
     extra = "".join(f" {name.lower()}" for name, on in flags.items() if on)
-    label = (f"d={head_dim:<3} conv={'6x11' if has_conv else 'none':<4} c_h={c_h:<2} E={e} BM={bm} BN={bn} "
+    label = (f"d={head_dim:<3} conv={'6x11' if has_conv else 'none':<4} c_h={c_h:<2} E={e} BM={bm:<3} BN={bn:<3} "
              f"warps={warps} stages={stages}{extra}")
-    print(f"{label}  fwd   {report(mt._mta_fwd_kernel, common, warps, stages)}", flush=True)
-    print(f"{label}  dkdv  {report(mt._mta_bwd_dkdv_kernel, dict(common, C_K=c_k, PAD=pad), warps, stages)}", flush=True)
-    print(f"{label}  dq    {report(mt._mta_bwd_dq_kernel, common, warps, stages)}", flush=True)
-    if e < c_h:
-        print(f"{label}  dv    {report(mt._mta_bwd_dv_kernel, common, warps, stages)}", flush=True)
+    print(f"{label}  {kernel:<5} {report(KERNEL_FUNCTIONS[kernel], constexprs, warps, stages)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 mta_triton = pytest.importorskip("modeling_mta.mta_triton")
+import triton  # noqa: E402  (present wherever the fused kernel imports)
+import triton.language as tl  # noqa: E402
 
 import modeling_mta.modeling_mta  # noqa: E402
 from modeling_mta import MTAForCausalLM  # noqa: E402
@@ -114,11 +116,19 @@ def test_matches_the_reference_on_tiny_shapes(case):
     check_against_reference(**{"starts": [0, 5], "ends": [37, 30], **case})
 
 
-@pytest.mark.parametrize("blocks", [(16, 16, 4, 1), (64, 32, 4, 2), (32, 64, 4, 2)], ids=str)
-def test_every_tiling_computes_the_same_function(blocks, monkeypatch):
-    # The GPU picks tilings by head_dim, kernel size and dtype; query and key blocks of different
-    # sizes change which tiles the loops visit, so each shape of tiling is checked here.
-    monkeypatch.setattr(mta_triton, "BLOCKS_OVERRIDE", blocks)
+TILINGS = [
+    dict.fromkeys(mta_triton.KERNELS, (16, 16, 4, 1)),
+    dict.fromkeys(mta_triton.KERNELS, (64, 32, 4, 2)),
+    dict.fromkeys(mta_triton.KERNELS, (32, 64, 4, 2)),
+    dict(fwd=(64, 16, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 16, 4, 2), dv=(16, 64, 4, 2)),  # each kernel its own
+]
+
+
+@pytest.mark.parametrize("tiles", TILINGS, ids=lambda t: "-".join(f"{k}{v[0]}x{v[1]}" for k, v in t.items()))
+def test_every_tiling_computes_the_same_function(tiles, monkeypatch):
+    # The GPU picks tilings per kernel by head_dim, kernel size and dtype; query and key blocks of different
+    # sizes change which tiles the loops visit and which of them need masks, so each shape of tiling is checked.
+    monkeypatch.setattr(mta_triton, "TILES_OVERRIDE", tiles)
     check_against_reference(n=45, starts=[0, 7], ends=[45, 33])
     check_against_reference(n=45, size=None, starts=[3, 0], ends=[45, 40])
     check_against_reference(n=45, documents=[[0, 20, 21], [0, 9, 40]])
@@ -176,6 +186,95 @@ def test_dropout_masks_drop_at_the_rate_asked_and_differ_per_head():
     assert not torch.equal(keep[:, 0], keep[:, 1]) and not torch.equal(keep[0], keep[1])
     assert torch.equal(keep, mta_triton.dropout_keep_scale(2, 4, 64, 2, 0.25, 7, DEVICE))
     assert not torch.equal(keep, mta_triton.dropout_keep_scale(2, 4, 64, 2, 0.25, 8, DEVICE))
+
+
+@triton.jit
+def _block_split_probe(seg_start_ptr, seg_end_ptr, out_ptr, N, STRIPE: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, PACKED: tl.constexpr):
+    """For query block pid: its key blocks [lo, hi) and their clean part; for key block pid, the same over query blocks."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rs, re = mta_triton._segments(seg_start_ptr, seg_end_ptr, 0, rows, N, PACKED)
+    lo, hi = mta_triton._key_range(rows, rs, re, N, BN)
+    clean_lo, clean_hi = mta_triton._clean_key_blocks(rows, rs, re, lo, hi, STRIPE, BN)
+    cols = pid * BN + tl.arange(0, BN)
+    cs, ce = mta_triton._segments(seg_start_ptr, seg_end_ptr, 0, cols, N, PACKED)
+    q_lo = (pid * BN) // BM * BM
+    q_hi = tl.max(tl.where((cols >= cs) & (cols < ce), ce, 0), axis=0)
+    q_clean_lo, q_clean_hi = mta_triton._clean_query_blocks(cols, cs, ce, q_lo, q_hi, STRIPE, BM)
+    found = (lo, clean_lo, clean_hi, hi, q_lo, q_clean_lo, q_clean_hi, q_hi)
+    for i in tl.static_range(8):
+        tl.store(out_ptr + pid * 8 + i, found[i])
+
+
+@pytest.mark.parametrize("segments", ["rows", "documents"])
+def test_tiles_split_into_masked_and_clean_ones_where_every_score_is_plain(segments):
+    # The kernels skip the masks and the stripe on "clean" tiles; a tile called clean must hold only scores that
+    # are visible and off the stripe, the clean tiles must lie inside the visited ones, and there must be some.
+    n, stripe, bm, bn = 160, 4, 16, 8
+    if segments == "rows":
+        seg = mta_triton.row_segments(torch.tensor([3]), torch.tensor([150]))
+    else:
+        begins = torch.zeros(1, n, dtype=torch.bool)
+        begins[0, [0, 70, 71, 130]] = True
+        seg = mta_triton.document_segments(begins)
+    seg_start, seg_end = (t.to(DEVICE, torch.int32).contiguous() for t in seg)
+    blocks = triton.cdiv(n, min(bm, bn))
+    out = torch.zeros(blocks, 8, dtype=torch.int32, device=DEVICE)
+    _block_split_probe[(blocks,)](seg_start, seg_end, out, n, STRIPE=stripe, BM=bm, BN=bn, PACKED=segments != "rows")
+    start, end = (t.expand(1, n)[0].tolist() for t in seg)
+
+    def plain(i, j):  # a score the kernels may take without masks: i real, j in i's past, off the stripe
+        return start[i] <= i < end[i] and start[i] <= j <= i - stripe
+
+    found = 0
+    for block, (lo, clean_lo, clean_hi, hi, q_lo, q_clean_lo, q_clean_hi, q_hi) in enumerate(out.tolist()):
+        if block * bm < n:
+            assert lo <= clean_lo <= clean_hi <= hi if lo < hi else clean_lo == clean_hi
+            for n0 in range(clean_lo, clean_hi, bn):
+                assert all(plain(i, j) for i in range(block * bm, block * bm + bm) for j in range(n0, n0 + bn))
+                found += 1
+        if block * bn < n:
+            assert q_lo <= q_clean_lo <= q_clean_hi <= q_hi if q_lo < q_hi else q_clean_lo == q_clean_hi
+            for m0 in range(q_clean_lo, q_clean_hi, bm):
+                assert all(plain(i, j) for i in range(m0, m0 + bm) for j in range(block * bn, block * bn + bn))
+                found += 1
+    assert found >= 20
+
+
+@pytest.mark.parametrize("case", [dict(), dict(size=None), dict(dropout=0.2), dict(group=8, heads=8, kv_heads=8),
+                                  dict(documents=[[0, 30, 31], [0, 50]])], ids=str)
+def test_clean_tiles_match_the_reference(case, monkeypatch):
+    # Tiles of 16 on 80 tokens: most tiles away from the diagonal take the path without masks.
+    monkeypatch.setattr(mta_triton, "TILES_OVERRIDE", dict.fromkeys(mta_triton.KERNELS, (16, 16, 4, 1)))
+    check_against_reference(**{"n": 80, "starts": [0, 2], "ends": [80, 75], **case})
+
+
+def test_a_tiling_too_large_for_shared_memory_is_retried_with_fewer_stages_then_smaller_tiles(monkeypatch):
+    monkeypatch.setattr(mta_triton, "_FITTED_TILINGS", {})
+    launched = []
+
+    class Kernel:  # refuses what `fits` refuses, as Triton does where shared memory runs out
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def run(*args, BM, BN, num_warps, num_stages, **constants):
+                if not self.fits(BM, BN, num_stages):
+                    raise mta_triton.OutOfResources(300_000, 232_448, "shared memory")
+                launched.append((grid, BM, BN, num_warps, num_stages))
+            return run
+
+    deep = Kernel(lambda bm, bn, stages: stages == 1)
+    mta_triton._launch(deep, lambda bm, bn: (bm, bn), (torch.zeros(1),), (64, 32, 4, 3), dict(D=16))
+    assert launched == [((64, 32), 64, 32, 4, 1)]
+    wide = Kernel(lambda bm, bn, stages: stages == 1 and bm * bn <= 512)
+    for _ in range(2):  # the second call starts from the tiling that fitted
+        mta_triton._launch(wide, lambda bm, bn: (bm, bn), (torch.zeros(1),), (64, 32, 8, 2), {})
+    assert launched[1:] == [((16, 32), 16, 32, 8, 1)] * 2
+    with pytest.raises(mta_triton.OutOfResources):
+        mta_triton._launch(Kernel(lambda bm, bn, stages: False), lambda bm, bn: (bm, bn), (torch.zeros(1),),
+                           (64, 32, 4, 2), {})
 
 
 def test_padding_given_per_token():
@@ -401,11 +500,21 @@ def small_inputs(seed=0, heads=4, kv_heads=2, n=21, head_dim=16, size=(3, 5), gr
             rand(heads, 1, *size, spread=0.4), rand(heads // group, group, group, spread=0.7))
 
 
-def test_the_kernels_are_a_well_formed_custom_op():
+@pytest.mark.parametrize("layout", ["contiguous", "heads_second"])
+def test_the_kernels_are_a_well_formed_custom_op(layout):
+    # The model hands the operators q, k, v as (B, N, H, d) tensors transposed to (B, H, N, d); the fake outputs
+    # (what torch.compile plans with) must have the real outputs' strides there too: inductor checks them.
     q, k, v, theta, _ = small_inputs()
+    if layout == "heads_second":
+        q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     segments = mta_triton.row_segments(torch.tensor([0, 4]), torch.tensor([21, 18]))
     seed = torch.tensor([5], device=DEVICE)
-    torch.library.opcheck(mta_triton._attention_op, (q, k, v, theta, "both", 2, *segments, 0.2, seed))
+    forward_args = (q, k, v, theta, "both", 2, *segments, 0.2, seed)
+    torch.library.opcheck(mta_triton._attention_op, forward_args)
+    z, lse = mta_triton._attention_op(*forward_args)
+    q, k, v, theta, z = (t.detach() for t in (q, k, v, theta, z))  # the backward operator is not differentiated
+    torch.library.opcheck(mta_triton._attention_backward_op,
+                          (torch.randn_like(z), q, k, v, theta, z, lse, "both", 2, *segments, 0.2, seed))
 
 
 def test_torch_compile_takes_the_kernel_whole():
