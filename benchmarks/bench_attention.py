@@ -10,6 +10,7 @@ Prints a table with ratios to SDPA and writes the rows as JSON.
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention-h200.json
     python benchmarks/bench_attention.py --markdown benchmarks/results/attention-h200.json   # README table
+    python benchmarks/bench_attention.py --gqa 4 --lengths 16384   # Llama-3-like: 4 query heads per k/v head
 """
 
 import argparse
@@ -29,11 +30,12 @@ SHAPES = [(16, 64), (32, 128)]
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
 
-def make_inputs(heads: int, head_dim: int, n: int, generator: torch.Generator):
+def make_inputs(heads: int, head_dim: int, n: int, generator: torch.Generator, gqa: int = 1):
     def rand(*shape, spread=1.0):
         return (spread * torch.randn(*shape, generator=generator, device="cuda")).bfloat16()
 
-    q, k, v = (rand(1, heads, n, head_dim).requires_grad_() for _ in range(3))
+    q = rand(1, heads, n, head_dim).requires_grad_()
+    k, v = (rand(1, heads // gqa, n, head_dim).requires_grad_() for _ in range(2))
     theta = rand(heads, 1, 6, 11, spread=0.3)
     theta[:, :, 5, 5] += 1.0  # identity plus noise: scores stay in a realistic range
     mix = (torch.eye(2, device="cuda") + 0.3 * torch.randn(heads // 2, 2, 2, generator=generator, device="cuda"))
@@ -50,7 +52,8 @@ def implementations(n: int):
         return mta_attention(q, k, v, visible, theta, None, None, mix)[0]
 
     return {
-        "sdpa": lambda q, k, v, theta, mix: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sdpa": lambda q, k, v, theta, mix: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                           enable_gqa=k.shape[1] < q.shape[1]),
         "mta_kq": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, theta, mix),
         "mta_headmix": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, None, mix),
         "reference": reference,
@@ -99,6 +102,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     parser.add_argument("--shapes", nargs="+", default=[f"{h}x{d}" for h, d in SHAPES], help="HEADSxHEAD_DIM")
     parser.add_argument("--impls", nargs="+", default=["sdpa", "mta_kq", "mta_headmix", "reference"])
+    parser.add_argument("--gqa", type=int, default=1,
+                        help="query heads per key/value head (with 2 or more, each head-mixing group of 2 reads one)")
     parser.add_argument("--max-reference-len", type=int, default=16384, help="skip the reference beyond this N")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="KERNEL=BM,BN,WARPS,STAGES",
                         help=f"tilings to use instead of the default, per kernel of {mta_triton.KERNELS}")
@@ -113,19 +118,20 @@ def main():
         mta_triton.TILES_OVERRIDE[kernel] = tuple(int(x) for x in tiling.split(","))
 
     rows = []
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch 1, bf16, causal")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch 1, bf16, causal, "
+          f"{args.gqa} query head(s) per k/v head")
     header = f"{'heads x d':>9} {'N':>6} {'impl':>12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak GiB':>9} {'fwd/SDPA':>9} {'f+b/SDPA':>9}"
     print(header)
     for shape in args.shapes:
         heads, head_dim = (int(x) for x in shape.split("x"))
         for n in args.lengths:
             generator = torch.Generator(device="cuda").manual_seed(n)
-            inputs = make_inputs(heads, head_dim, n, generator)
+            inputs = make_inputs(heads, head_dim, n, generator, args.gqa)
             baseline = None
             for name, impl in implementations(n).items():
                 if name not in args.impls:
                     continue
-                row = {"impl": name, "heads": heads, "head_dim": head_dim, "seq_len": n}
+                row = {"impl": name, "heads": heads, "kv_heads": heads // args.gqa, "head_dim": head_dim, "seq_len": n}
                 if name == "reference" and n > args.max_reference_len:
                     row.update(fwd_ms=None, fwd_bwd_ms=None, peak_gib=None, note="skipped: beyond --max-reference-len")
                 else:

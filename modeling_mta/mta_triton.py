@@ -1051,14 +1051,26 @@ def _conv_inputs(q, k, theta32, run, seg_start, seg_end):
     return khat, stripe_scores(band, theta32, run.stripe, seg_start).contiguous()
 
 
-def mix_heads(z: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """O_e = sum_c W[g, c, e] Z_c[e]: z (B, H, N, c_h * d) holds, for each source head c, P_c times each group value.
-    Plain torch operations, differentiated by autograd (in float32)."""
+def mix_heads(z: torch.Tensor, mix: torch.Tensor, one_value_head: bool = False) -> torch.Tensor:
+    """O_e = sum_c W[g, c, e] Z_c[e]: z (B, H, N, c_h * d) holds, for each source head c, P_c times each group value;
+    with `one_value_head` (the group's value heads are one: `_kernel_group`), z (B, H, N, d) holds P_c V, the same
+    for every e. Plain torch operations, differentiated by autograd (in float32)."""
     batch, heads, n, width = z.shape
     groups, c_h, _ = mix.shape
+    if one_value_head:
+        out = torch.einsum("bgcnd,gce->bgend", z.view(batch, groups, c_h, n, width).float(), mix.float())
+        return out.reshape(batch, heads, n, width).to(z.dtype)
     grouped = z.view(batch, groups, c_h, n, c_h, width // c_h)
     out = torch.einsum("bgcned,gce->bgend", grouped.float(), mix.float())
     return out.reshape(batch, heads, n, width // c_h).to(z.dtype)
+
+
+def _kernel_group(heads: int, kv_heads: int, c_h: int, dropout_p: float = 0.0) -> int:
+    """The group size to run the kernels with. Where each head-mixing group reads one key/value head (GQA groups
+    of a multiple of c_h query heads, as in a retrofitted Llama 3) its c_h value heads are one, and P_c [V_e]_e
+    is c_h copies of P_c V: the kernels make P_c V once (1 instead of c_h products; `mix_heads` weighs it per
+    target head). Dropout gives each target head its own mask, so then the copies differ."""
+    return 1 if c_h > 1 and not dropout_p and (heads // kv_heads) % c_h == 0 else c_h
 
 
 def mta_attention_fused(
@@ -1100,13 +1112,14 @@ def mta_attention_fused(
     seg_start, seg_end = (t.to(device=device, dtype=torch.int32).contiguous() for t in segments)
     q, k, v = _in_autocast_dtype(q, k, v)
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
+    group = _kernel_group(heads, k.shape[1], c_h, dropout_p)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if dropout_p and dropout_seed is None:
         seed = torch.randint(2**31 - 1, (1,), device=device, dtype=torch.int64)
     else:
         seed = torch.full((1,), dropout_seed or 0, device=device, dtype=torch.int64)
-    z, _ = _attention_op(q, k, v, kq_conv_weight, key_padding, c_h, seg_start, seg_end, float(dropout_p), seed)
-    return mix_heads(z, head_mix_post_weight) if head_mix_post_weight is not None else z
+    z, _ = _attention_op(q, k, v, kq_conv_weight, key_padding, group, seg_start, seg_end, float(dropout_p), seed)
+    return mix_heads(z, head_mix_post_weight, group < c_h) if head_mix_post_weight is not None else z
 
 
 
@@ -1131,9 +1144,11 @@ def mta_decode_fused(
     _check_coverage(head_dim, kq_conv_weight, head_mix_post_weight, key_padding)
     q_rows, k, v = _in_autocast_dtype(q_rows, k, v)
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
+    group = _kernel_group(heads, k.shape[1], c_h)
     theta = kq_conv_weight if kq_conv_weight is not None else q_rows.new_ones(heads, 1, 1, 1)
-    z = _decode_op(q_rows, k.contiguous(), v.contiguous(), theta, key_padding, c_h, key_start.to(torch.int32), new_rows)
-    return mix_heads(z, head_mix_post_weight) if head_mix_post_weight is not None else z
+    z = _decode_op(q_rows, k.contiguous(), v.contiguous(), theta, key_padding, group, key_start.to(torch.int32),
+                   new_rows)
+    return mix_heads(z, head_mix_post_weight, group < c_h) if head_mix_post_weight is not None else z
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::decode", mutates_args=())

@@ -108,6 +108,7 @@ CPU_CASES = [
     dict(size=(1, 3)),  # no query shift: the stripe comes from the key side only
     dict(size=(3, 1), padding="left", group=None),  # no key width
     dict(size=(8, 15), n=45),  # the largest kernel the fused path takes
+    dict(kv_heads=4),  # no GQA: the group's value heads differ, the kernels mix them
 ]
 
 
@@ -275,6 +276,22 @@ def test_a_tiling_too_large_for_shared_memory_is_retried_with_fewer_stages_then_
     with pytest.raises(mta_triton.OutOfResources):
         mta_triton._launch(Kernel(lambda bm, bn, stages: False), lambda bm, bn: (bm, bn), (torch.zeros(1),),
                            (64, 32, 4, 2), {})
+
+
+@pytest.mark.parametrize("kv_heads, dropout, kernel_group", [(2, 0.0, 1), (1, 0.0, 1), (4, 0.0, 2), (2, 0.2, 2)])
+def test_groups_that_read_one_value_head_take_it_once(kv_heads, dropout, kernel_group, monkeypatch):
+    # 4 heads in groups of 2: with GQA 2 or 4 both heads of a group read one value head, so the kernels run
+    # unmixed (P_c V once) and the mixing weighs it; without GQA or with dropout they take the group's values.
+    groups = []
+
+    def recording(*args):
+        groups.append(args[5])
+        return original(*args)
+
+    original = mta_triton._attention_op
+    monkeypatch.setattr(mta_triton, "_attention_op", recording)
+    check_against_reference(kv_heads=kv_heads, dropout=dropout)
+    assert groups == [kernel_group]
 
 
 def test_padding_given_per_token():
@@ -596,6 +613,7 @@ DECODE_CASES = [
     dict(size=(3, 1), padding="left"),
     dict(length=5, new=2, history=1),  # early in generation: fewer earlier queries than the kernel reads
     dict(starts=(0, 39)),  # a row whose only real key is the new one
+    dict(kv_heads=4),  # no GQA: the group's value heads differ, the kernel mixes them
 ]
 
 
