@@ -274,6 +274,20 @@ def _clean_query_blocks(cols, cs, ce, lo, hi, STRIPE: tl.constexpr, BM: tl.const
 
 
 @triton.jit
+def _masked_blocks(lo, clean_lo, clean_hi, hi, B: tl.constexpr):
+    """How many blocks of [lo, hi) lie outside the clean ones [clean_lo, clean_hi): those before, then those after.
+    One loop takes both (one copy of the masked step's code: compile time)."""
+    return tl.cdiv(clean_lo - lo, B) + tl.cdiv(hi - clean_hi, B)
+
+
+@triton.jit
+def _masked_block(i, lo, clean_lo, clean_hi, B: tl.constexpr):
+    """The start of masked block i (see `_masked_blocks`)."""
+    before = tl.cdiv(clean_lo - lo, B)
+    return tl.where(i < before, lo + i * B, clean_hi + (i - before) * B)
+
+
+@triton.jit
 def _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E: tl.constexpr, D: tl.constexpr):
     """The values of the E heads first, first + 1, ... side by side: a (cols x E * d) tile."""
     c = tl.arange(0, E * D)
@@ -364,15 +378,12 @@ def _mta_fwd_kernel(
     acc = tl.zeros([BM, E * D], dtype=tl.float32)
     lo, hi = _key_range(rows, rs, re, N, BN)
     clean_lo, clean_hi = _clean_key_blocks(rows, rs, re, lo, hi, STRIPE, BN)
-    for n0 in range(lo, clean_lo, BN):
-        acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b,
-                              first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
-                              HAS_CONV, C_Q, STRIPE, BN, D, DOT_PRECISION, DROPOUT, E, True)
     for n0 in range(clean_lo, clean_hi, BN):
         acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b,
                               first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
                               HAS_CONV, C_Q, STRIPE, BN, D, DOT_PRECISION, DROPOUT, E, False)
-    for n0 in range(clean_hi, hi, BN):
+    for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BN)):
+        n0 = _masked_block(i, lo, clean_lo, clean_hi, BN)
         acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b,
                               first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
                               HAS_CONV, C_Q, STRIPE, BN, D, DOT_PRECISION, DROPOUT, E, True)
@@ -512,17 +523,13 @@ def _mta_bwd_dkdv_kernel(
     lo = (pid * BN) // BM * BM
     hi = tl.max(tl.where(col_ok, ce, 0), axis=0)
     clean_lo, clean_hi = _clean_query_blocks(cols, cs, ce, lo, hi, STRIPE, BM)
-    for m0 in range(lo, clean_lo, BM):
-        dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr,
-                                  delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb,
-                                  stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                                  DOT_PRECISION, PACKED, DROPOUT, E, True)
     for m0 in range(clean_lo, clean_hi, BM):
         dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr,
                                   delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb,
                                   stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
                                   DOT_PRECISION, PACKED, DROPOUT, E, False)
-    for m0 in range(clean_hi, hi, BM):
+    for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BM)):
+        m0 = _masked_block(i, lo, clean_lo, clean_hi, BM)
         dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr,
                                   delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb,
                                   stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
@@ -599,15 +606,12 @@ def _mta_bwd_dv_kernel(
     lo = (pid * BN) // BM * BM
     hi = tl.max(tl.where(col_ok, ce, 0), axis=0)
     clean_lo, clean_hi = _clean_query_blocks(cols, cs, ce, lo, hi, STRIPE, BM)
-    for m0 in range(lo, clean_lo, BM):
-        dvalues = _dv_step(dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
-                           seed_ptr, bh, b, first, chunk, stride_qn, N, H, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                           DOT_PRECISION, PACKED, DROPOUT, E, True)
     for m0 in range(clean_lo, clean_hi, BM):
         dvalues = _dv_step(dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
                            seed_ptr, bh, b, first, chunk, stride_qn, N, H, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
                            DOT_PRECISION, PACKED, DROPOUT, E, False)
-    for m0 in range(clean_hi, hi, BM):
+    for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BM)):
+        m0 = _masked_block(i, lo, clean_lo, clean_hi, BM)
         dvalues = _dv_step(dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
                            seed_ptr, bh, b, first, chunk, stride_qn, N, H, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
                            DOT_PRECISION, PACKED, DROPOUT, E, True)
@@ -676,15 +680,12 @@ def _mta_bwd_dq_kernel(
         dqs = dqs + (tl.zeros([BM, D], dtype=tl.float32),)
     lo, hi = _key_range(rows, rs, re, N, BN)
     clean_lo, clean_hi = _clean_key_blocks(rows, rs, re, lo, hi, STRIPE, BN)
-    for n0 in range(lo, clean_lo, BN):
-        dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr,
-                       seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
-                       dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DOT_PRECISION, DROPOUT, E, True)
     for n0 in range(clean_lo, clean_hi, BN):
         dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr,
                        seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
                        dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DOT_PRECISION, DROPOUT, E, False)
-    for n0 in range(clean_hi, hi, BN):
+    for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BN)):
+        n0 = _masked_block(i, lo, clean_lo, clean_hi, BN)
         dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr,
                        seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
                        dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DOT_PRECISION, DROPOUT, E, True)
