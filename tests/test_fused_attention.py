@@ -243,10 +243,15 @@ def test_tiles_split_into_masked_and_clean_ones_where_every_score_is_plain(segme
     assert found >= 20
 
 
-@pytest.mark.parametrize("case", [dict(), dict(size=None), dict(dropout=0.2), dict(group=8, heads=8, kv_heads=8),
-                                  dict(documents=[[0, 30, 31], [0, 50]])], ids=str)
+CLEAN_TILE_CASES = [
+    dict(), dict(size=None), dict(dropout=0.2), dict(documents=[[0, 30, 31], [0, 50]]),
+    dict(group=8, heads=8, kv_heads=8, n=64, ends=[64, 60]),  # value heads in chunks: the dV kernel too
+]
+
+
+@pytest.mark.parametrize("case", CLEAN_TILE_CASES, ids=str)
 def test_clean_tiles_match_the_reference(case, monkeypatch):
-    # Tiles of 16 on 80 tokens: most tiles away from the diagonal take the path without masks.
+    # Tiles of 16 on 64-80 tokens: most tiles away from the diagonal take the path without masks.
     monkeypatch.setattr(mta_triton, "TILES_OVERRIDE", dict.fromkeys(mta_triton.KERNELS, (16, 16, 4, 1)))
     check_against_reference(**{"n": 80, "starts": [0, 2], "ends": [80, 75], **case})
 
@@ -456,7 +461,9 @@ def test_fused_mode_refuses_what_the_kernel_does_not_cover():
 
 GPU_CASES = [
     dict(heads=16, kv_heads=16, head_dim=64, n=1000, size=(6, 11), group=2),
-    dict(heads=16, kv_heads=4, head_dim=128, n=777, size=(6, 11), group=2),
+    # No GQA: the group's two value heads differ, so the kernels mix them (with GQA, `_kernel_group` runs them
+    # unmixed, as in the packed case below): the tiling of a 32 x 128 kq-conv layer.
+    dict(heads=16, kv_heads=16, head_dim=128, n=777, size=(6, 11), group=2),
     dict(heads=16, kv_heads=8, head_dim=64, n=1000, size=None, group=2),
     dict(heads=8, kv_heads=8, head_dim=128, n=513, size=(8, 15), group=4),
     dict(heads=8, kv_heads=2, head_dim=64, n=700, size=(4, 9), padding="left", group=1),
