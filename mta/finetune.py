@@ -148,6 +148,11 @@ def finetune(args: argparse.Namespace, output: Path, checkpoint_dir: Path) -> in
     finally:
         trainer.accelerator.wait_for_everyone()
         trainer.accelerator.end_training()
+        if trainer.accelerator.num_processes > 1:
+            # Gloo's worker thread frees the barrier's tensors after the barrier returns, and takes the GIL to do
+            # so; the DDP model's destructor (when this function returns) holds the GIL while it waits for that
+            # thread. Seen once in CI (torch 2.13, rank 1 of 2 hung there for good). Sleeping releases the GIL.
+            time.sleep(0.5)
 
 
 def lora_options(args: argparse.Namespace) -> LoraOptions:
