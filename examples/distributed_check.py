@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -56,8 +57,10 @@ def launch_command(run: str, processes: int) -> list[str]:
             "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "examples.finetune"]
 
 
-def train(run: str, processes: int, batch: int, steps: int, work: Path, finetune_args: list[str]) -> dict:
-    """One `mta finetune` run; its training log."""
+def train(run: str, processes: int, batch: int, steps: int, work: Path, finetune_args: list[str],
+          timeout: float | None = None) -> dict:
+    """One `mta finetune` run; its training log. A run still going after `timeout` seconds is killed, with every
+    process it started (a hung rank would otherwise hold the check forever)."""
     output = work / run
     command = launch_command(run, processes) + [
         *finetune_args, "--output", str(output), "--overwrite", "--steps", str(steps), "--batch-size", str(batch),
@@ -71,10 +74,17 @@ def train(run: str, processes: int, batch: int, steps: int, work: Path, finetune
     print(f"[{run}] {' '.join(command)}", flush=True)
     start = time.perf_counter()
     with open(work / f"{run}.log", "w") as log:
-        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            returncode = launcher.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+            raise SystemExit(f"[{run}] still running after {timeout:.0f} s: killed; log: {work / f'{run}.log'}")
+    if returncode != 0:
         print((work / f"{run}.log").read_text()[-4000:])
-        raise SystemExit(f"[{run}] failed with exit status {result.returncode}; log: {work / f'{run}.log'}")
+        raise SystemExit(f"[{run}] failed with exit status {returncode}; log: {work / f'{run}.log'}")
     print(f"[{run}] done in {time.perf_counter() - start:.0f} s", flush=True)
     return json.loads((output / "training_log.json").read_text())
 
@@ -146,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-tolerance", type=float, default=0.02,
                         help="largest allowed |loss difference| (FSDP in bf16: plus one bf16 step of the loss)")
     parser.add_argument("--work", help="where the runs write (default: a temporary folder, removed afterwards)")
+    parser.add_argument("--run-timeout", type=float, help="seconds after which a run counts as hung and is killed")
     args = parser.parse_args(argv[:split])
     finetune_args = argv[split + 1 :]
     if args.global_batch % args.processes:
@@ -161,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mta-distributed-check-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        logs = {"one": train("one", 1, args.global_batch, args.steps, work, finetune_args)}
+        logs = {"one": train("one", 1, args.global_batch, args.steps, work, finetune_args, args.run_timeout)}
         for run in runs:
-            logs[run] = train(run, args.processes, args.global_batch // args.processes, args.steps, work, finetune_args)
+            logs[run] = train(run, args.processes, args.global_batch // args.processes, args.steps, work, finetune_args,
+                              args.run_timeout)
         for run, log in logs.items():
             shutil.copy(work / run / "training_log.json", out / f"training_log_{run}.json")
         steps = [entry["step"] for entry in logs["one"]["losses"]]

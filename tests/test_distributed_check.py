@@ -1,7 +1,10 @@
 """examples/distributed_check.py on the CPU: 2 DDP processes (gloo) follow 1 process with the same global batch."""
 
 import json
+import os
 import shutil
+import sys
+import time
 
 import pytest
 import torch
@@ -23,7 +26,7 @@ def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_pat
     out = tmp_path / "out"
     status = distributed_check.main([
         "--out", str(out), "--processes", "2", "--global-batch", "4", "--steps", "4", "--loss-tolerance", "1e-5",
-        "--", "--tiny", "--data", str(tmp_path / "notes.txt"), "--block-size", "32", "--train", "lora",
+        "--run-timeout", "300", "--", "--tiny", "--data", str(tmp_path / "notes.txt"), "--block-size", "32", "--train", "lora",
         "--gradient-checkpointing", "--lr", "1e-2", "--data-cache", str(tmp_path / "cache"),
     ])
     report = json.loads((out / "distributed_check.json").read_text())
@@ -37,6 +40,25 @@ def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_pat
         assert ddp["distributed_type"] == "MULTI_CPU" and "fsdp" not in report["runs"]
         assert any("fsdp not run" in note for note in report["notes"])
     assert len(list(out.iterdir())) <= 8
+
+
+def test_a_hung_run_is_killed_with_the_processes_it_started(tmp_path, monkeypatch):
+    # A launcher whose child sleeps on (as a deadlocked rank would): after the timeout both are gone.
+    child_pid = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(120)']); open({str(child_pid)!r}, 'w').write(str(child.pid)); time.sleep(120)")
+    monkeypatch.setattr(distributed_check, "launch_command", lambda run, processes: [sys.executable, "-c", script])
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match="still running after 3 s: killed"):
+        distributed_check.train("ddp", 2, 2, 4, tmp_path, [], timeout=3)
+    assert time.monotonic() - started < 30
+    pid = int(child_pid.read_text())
+    for _ in range(50):  # the kill is asynchronous; a zombie counts as gone
+        if not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {pid} of the hung run is still alive")
 
 
 def test_fsdp_in_bf16_is_allowed_one_bf16_step_of_the_loss():
