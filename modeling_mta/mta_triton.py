@@ -123,14 +123,23 @@ def _khat_kernel(
     cols = tl.arange(0, D)
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
     for a in tl.static_range(C_Q):
-        acc = tl.zeros([BLOCK, D], dtype=tl.float32)
-        for t in tl.static_range(C_K):
-            src = rows - PAD + t
-            ok = (src >= rs) & (src < re)
-            kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
-            acc += tl.load(theta_ptr + (h * C_Q + a) * C_K + t) * kt.to(tl.float32)
+        acc = _mixed_keys(k_base, theta_ptr, h, a, rows, rs, re, stride_kn, C_Q, C_K, PAD, D)
         out = khat_ptr + ((bh * C_Q + a) * N + rows[:, None]) * D + cols[None, :]
         tl.store(out, acc.to(khat_ptr.dtype.element_ty), mask=(rows < N)[:, None])
+
+
+@triton.jit
+def _mixed_keys(k_base, theta_ptr, h, a, rows, rs, re, stride_kn, C_Q: tl.constexpr, C_K: tl.constexpr,
+                PAD: tl.constexpr, D: tl.constexpr):
+    """khat_a of `rows` in float32: sum_t theta[h, a, t] k[j - PAD + t], k zero outside row j's segment [rs, re)."""
+    cols = tl.arange(0, D)
+    acc = tl.zeros([rows.shape[0], D], dtype=tl.float32)
+    for t in tl.static_range(C_K):
+        src = rows - PAD + t
+        ok = (src >= rs) & (src < re)
+        kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.load(theta_ptr + (h * C_Q + a) * C_K + t) * kt.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -219,6 +228,22 @@ def _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV: tl.constexpr, C_
             ptrs = k_base + cols[:, None] * stride_kn + d[None, :]
         tiles = tiles + (tl.load(ptrs, mask=(cols < N)[:, None], other=0.0),)
     return tiles
+
+
+@triton.jit
+def _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV: tl.constexpr, C_Q: tl.constexpr,
+                   C_K: tl.constexpr, PAD: tl.constexpr, D: tl.constexpr):
+    """`_key_tiles` for the key-major kernels, which load them once per program: with the convolution they mix
+    khat_a from the keys themselves (bit for bit the values `_khat_kernel` stores), so that the backward's khat
+    (c_q times the keys' memory) is gone before those kernels run."""
+    if HAS_CONV:
+        tiles = ()
+        for a in tl.static_range(C_Q):
+            acc = _mixed_keys(k_base, theta_ptr, h, a, cols, cs, ce, stride_kn, C_Q, C_K, PAD, D)
+            tiles = tiles + (tl.where((cols < N)[:, None], acc, 0.0).to(k_base.dtype.element_ty),)
+        return tiles
+    else:
+        return _key_tiles(k_base, k_base, cols, stride_kn, N, False, 1, D)
 
 
 @triton.jit
@@ -439,7 +464,9 @@ def _dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA,
                        DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """dP of a tile over all C_H value heads, E at a time: for groups too wide to hold side by side."""
     dp = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
-    for chunk in tl.static_range(C_H // E):
+    # A loop, not unrolled (static_range): unrolled, the dZ tiles of all chunks, invariant over key blocks, were
+    # hoisted out of the dQ kernel's key loop together (a group of 16 at d = 128 in float32 asked 240 KB).
+    for chunk in range(C_H // E):
         first = h // C_H * C_H + chunk * E
         values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D)
         keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
@@ -493,7 +520,7 @@ def _dkdv_step(
 
 @triton.jit
 def _mta_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, theta_ptr, dz_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, cband_ptr, theta_ptr, dz_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dtheta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, H_KV, GQA, scale, dropout_p,
@@ -513,7 +540,7 @@ def _mta_bwd_dkdv_kernel(
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     cband_base = cband_ptr + bh * STRIPE * N
     first = h // C_H * C_H
-    ks = _key_tiles(k_base, khat_ptr + bh * C_Q * N * D, cols, stride_kn, N, HAS_CONV, C_Q, D)
+    ks = _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV, C_Q, C_K, PAD, D)
     values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D) if E == C_H else 0.0
     dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
     dks = ()  # d C / d khat_a for each query shift a; without the convolution (C_Q = 1) d C / d k
@@ -583,10 +610,11 @@ def _dv_step(
 
 @triton.jit
 def _mta_bwd_dv_kernel(
-    q_ptr, k_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, dv_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
+    q_ptr, k_ptr, theta_ptr, cband_ptr, dz_ptr, lse_ptr, dv_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     N, H, H_KV, GQA, scale, dropout_p,
-    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
+    C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, E: tl.constexpr,
 ):
@@ -600,8 +628,8 @@ def _mta_bwd_dv_kernel(
     col_ok = (cols >= cs) & (cols < ce)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     cband_base = cband_ptr + bh * STRIPE * N
-    ks = _key_tiles(k_ptr + b * stride_kb + (h // GQA) * stride_kh, khat_ptr + bh * C_Q * N * D, cols, stride_kn, N,
-                    HAS_CONV, C_Q, D)
+    ks = _own_key_tiles(k_ptr + b * stride_kb + (h // GQA) * stride_kh, theta_ptr, h, cols, cs, ce, stride_kn, N,
+                        HAS_CONV, C_Q, C_K, PAD, D)
     dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
     lo = (pid * BN) // BM * BM
     hi = tl.max(tl.where(col_ok, ce, 0), axis=0)
@@ -930,31 +958,25 @@ def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout
 
 
 def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
-    """Gradients of q, k, v (in their dtypes) and of theta (float32; empty without a convolution)."""
+    """Gradients of q, k, v (in their dtypes) and of theta (float32; empty without a convolution).
+
+    Ordered for peak memory: khat (c_q times the keys) lives only through the query-major kernel, and the float32
+    dQ is cast down before the key-major kernels (which mix their key tiles themselves) add to dK and dV."""
     batch, heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
     run = _Launch(q, theta, key_padding, c_h, seg_start, dropout_p)
-    delta = (dz.float() * z.float()).sum(-1)
+    delta = _rowwise_dot(dz, z)
     dz = dz.to(q.dtype).contiguous()
     theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
     khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
     dq = torch.zeros(batch, heads, n, head_dim, device=q.device, dtype=torch.float32)
-    dk = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
-    dv = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
-    dtheta = torch.zeros_like(theta32)
     dcband = torch.zeros_like(cband)
-    _launch(_mta_bwd_dkdv_kernel, lambda bm, bn: _grid(n, bn, batch * heads),
-            (q, k, v, khat, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, seed,
-             *_strides(q, k, v), n, heads, kv_heads, heads // kv_heads, run.scale, dropout_p),
-            run.tiling("dkdv"), dict(run.constants, C_K=run.c_k, PAD=run.pad))
     _launch(_mta_bwd_dq_kernel, lambda bm, bn: _grid(n, bm, batch * heads),
             (q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, seed, *_strides(q, k, v),
              n, heads, heads // kv_heads, run.scale, dropout_p), run.tiling("dq"), run.constants)
-    if run.chunks > 1:
-        _launch(_mta_bwd_dv_kernel, lambda bm, bn: _grid(n, bn, batch * heads, run.chunks),
-                (q, k, khat, cband, dz, lse, dv, seg_start, seg_end, seed,
-                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                 n, heads, kv_heads, heads // kv_heads, run.scale, dropout_p), run.tiling("dv"), run.constants)
+    del khat
+    dk = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
+    dtheta = torch.zeros_like(theta32)
     if run.has_conv and run.stripe > 0:
         band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
         dband, dtheta_band = stripe_scores_backward(band, theta32, run.stripe, seg_start, dcband)
@@ -965,8 +987,31 @@ def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg
             n, heads, kv_heads, heads // kv_heads, run.scale,
             WB=run.c_q + run.c_k - 2, BLOCK=64, D=head_dim, PACKED=run.constants["PACKED"],
         )
+        del band, dband
+    dq = dq.to(q.dtype)
+    dv = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
+    key_constants = dict(run.constants, C_K=run.c_k, PAD=run.pad)
+    _launch(_mta_bwd_dkdv_kernel, lambda bm, bn: _grid(n, bn, batch * heads),
+            (q, k, v, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, seed,
+             *_strides(q, k, v), n, heads, kv_heads, heads // kv_heads, run.scale, dropout_p),
+            run.tiling("dkdv"), key_constants)
+    if run.chunks > 1:
+        _launch(_mta_bwd_dv_kernel, lambda bm, bn: _grid(n, bn, batch * heads, run.chunks),
+                (q, k, theta32, cband, dz, lse, dv, seg_start, seg_end, seed,
+                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                 n, heads, kv_heads, heads // kv_heads, run.scale, dropout_p), run.tiling("dv"), key_constants)
     dtheta = dtheta.to(theta.dtype) if run.has_conv else q.new_empty(0)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dtheta
+
+
+def _rowwise_dot(dz: torch.Tensor, z: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """delta = sum over the last dimension of dz * z in float32, (B, H, N), a block of rows at a time: at once,
+    the float32 copies and their product took 6 times dz's memory, the backward's highest peak."""
+    delta = torch.empty(z.shape[:-1], device=z.device, dtype=torch.float32)
+    for start in range(0, z.shape[-2], rows):
+        part = slice(start, start + rows)
+        delta[..., part] = (dz[..., part, :].float() * z[..., part, :].float()).sum(-1)
+    return delta
 
 
 # The kernels as operators of their own (torch.library), so that torch.compile keeps them whole in its
@@ -1055,15 +1100,48 @@ def _conv_inputs(q, k, theta32, run, seg_start, seg_end):
 def mix_heads(z: torch.Tensor, mix: torch.Tensor, one_value_head: bool = False) -> torch.Tensor:
     """O_e = sum_c W[g, c, e] Z_c[e]: z (B, H, N, c_h * d) holds, for each source head c, P_c times each group value;
     with `one_value_head` (the group's value heads are one: `_kernel_group`), z (B, H, N, d) holds P_c V, the same
-    for every e. Plain torch operations, differentiated by autograd (in float32)."""
+    for every e. Computed in float32."""
+    return _MixHeads.apply(z, mix, one_value_head)
+
+
+class _MixHeads(torch.autograd.Function):
+    """`mix_heads` with its backward by hand, so that what it keeps for the backward is z as it came (the attention
+    keeps it too: no new memory). Autograd through the float32 product kept a float32 copy of z, twice z's memory
+    and four times the output's with groups of 2, from each layer's forward to its backward."""
+
+    @staticmethod
+    def forward(ctx, z, mix, one_value_head):
+        ctx.save_for_backward(z, mix)
+        ctx.one_value_head = one_value_head
+        with torch.autocast(z.device.type, enabled=False):
+            return torch.einsum(_mix_equation(one_value_head), _grouped(z, mix, one_value_head).float(),
+                                mix.float()).reshape(*z.shape[:3], -1).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, mix = ctx.saved_tensors
+        dz = dmix = None
+        inputs, _, out = _mix_equation(ctx.one_value_head).replace("->", ",").split(",")
+        batch, heads, n, _ = dout.shape
+        dout = dout.reshape(batch, mix.shape[0], mix.shape[1], n, -1).float()
+        with torch.autocast(dout.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                dz = torch.einsum(f"{out},gce->{inputs}", dout, mix.float()).reshape(z.shape).to(z.dtype)
+            if ctx.needs_input_grad[1]:
+                grouped = _grouped(z, mix, ctx.one_value_head).float()
+                dmix = torch.einsum(f"{inputs},{out}->gce", grouped, dout).to(mix.dtype)
+        return dz, dmix, None
+
+
+def _mix_equation(one_value_head: bool) -> str:
+    return "bgcnd,gce->bgend" if one_value_head else "bgcned,gce->bgend"
+
+
+def _grouped(z, mix, one_value_head):
+    """z (B, H, N, width) as (B, G, c_h, N, d), or (B, G, c_h, N, c_h, d) with one column block per value head."""
     batch, heads, n, width = z.shape
     groups, c_h, _ = mix.shape
-    if one_value_head:
-        out = torch.einsum("bgcnd,gce->bgend", z.view(batch, groups, c_h, n, width).float(), mix.float())
-        return out.reshape(batch, heads, n, width).to(z.dtype)
-    grouped = z.view(batch, groups, c_h, n, c_h, width // c_h)
-    out = torch.einsum("bgcned,gce->bgend", grouped.float(), mix.float())
-    return out.reshape(batch, heads, n, width // c_h).to(z.dtype)
+    return z.view(batch, groups, c_h, n, width) if one_value_head else z.view(batch, groups, c_h, n, c_h, width // c_h)
 
 
 def _kernel_group(heads: int, kv_heads: int, c_h: int, dropout_p: float = 0.0) -> int:

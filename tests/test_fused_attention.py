@@ -299,6 +299,30 @@ def test_groups_that_read_one_value_head_take_it_once(kv_heads, dropout, kernel_
     assert groups == [kernel_group]
 
 
+@pytest.mark.parametrize("one_value_head", [False, True])
+def test_head_mixing_keeps_only_its_inputs_for_the_backward(one_value_head):
+    # Autograd through the float32 product kept a float32 copy of z (twice z's memory) from each layer's forward
+    # to its backward; the mixing keeps z itself, and its gradients are those of the product.
+    groups, c_h, d = 2, 2, 8
+    z = torch.randn(2, groups * c_h, 5, d if one_value_head else c_h * d, dtype=torch.bfloat16, requires_grad=True)
+    mix = torch.randn(groups, c_h, c_h, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = mta_triton.mix_heads(z, mix, one_value_head)
+    assert sum(t.numel() * t.element_size() for t in saved) == z.numel() * 2 + mix.numel() * 4
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    z64, mix64 = z.detach().double().requires_grad_(), mix.detach().double().requires_grad_()
+    width = z.shape[-1]
+    grouped = z64.view(2, groups, c_h, 5, width) if one_value_head else z64.view(2, groups, c_h, 5, c_h, d)
+    equation = "bgcnd,gce->bgend" if one_value_head else "bgcned,gce->bgend"
+    want = torch.einsum(equation, grouped, mix64).reshape(out.shape)
+    want.backward(dout.double())
+    assert relative_error(out, want) < 1e-2
+    assert relative_error(z.grad, z64.grad) < 1e-2
+    assert relative_error(mix.grad, mix64.grad) < 1e-2
+
+
 def test_padding_given_per_token():
     check_against_reference(starts=[0, 5], ends=[37, 30], per_token=True)
     check_against_reference(starts=[3, 0], ends=[37, 30], size=None, per_token=True)
