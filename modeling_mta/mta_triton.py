@@ -1100,48 +1100,54 @@ def _conv_inputs(q, k, theta32, run, seg_start, seg_end):
 def mix_heads(z: torch.Tensor, mix: torch.Tensor, one_value_head: bool = False) -> torch.Tensor:
     """O_e = sum_c W[g, c, e] Z_c[e]: z (B, H, N, c_h * d) holds, for each source head c, P_c times each group value;
     with `one_value_head` (the group's value heads are one: `_kernel_group`), z (B, H, N, d) holds P_c V, the same
-    for every e. Computed in float32."""
-    return _MixHeads.apply(z, mix, one_value_head)
+    for every e. Computed in float32.
+
+    Under torch.compile, plain operations that autograd differentiates: through `_MixHeads`, an inductor- or
+    aot_eager-compiled model's attention got no gradient on CUDA (cause not found; eager and the CPU are right)."""
+    return _mixed(z, mix, one_value_head) if torch.compiler.is_compiling() else _MixHeads.apply(z, mix, one_value_head)
 
 
 class _MixHeads(torch.autograd.Function):
     """`mix_heads` with its backward by hand, so that what it keeps for the backward is z as it came (the attention
     keeps it too: no new memory). Autograd through the float32 product kept a float32 copy of z, twice z's memory
-    and four times the output's with groups of 2, from each layer's forward to its backward."""
+    and four times the output's with groups of 2, from each layer's forward to its backward. Products and sums
+    rather than einsum: autocast would run an einsum in half precision."""
 
     @staticmethod
     def forward(ctx, z, mix, one_value_head):
         ctx.save_for_backward(z, mix)
         ctx.one_value_head = one_value_head
-        with torch.autocast(z.device.type, enabled=False):
-            return torch.einsum(_mix_equation(one_value_head), _grouped(z, mix, one_value_head).float(),
-                                mix.float()).reshape(*z.shape[:3], -1).to(z.dtype)
+        return _mixed(z, mix, one_value_head)
 
     @staticmethod
     def backward(ctx, dout):
         z, mix = ctx.saved_tensors
-        dz = dmix = None
-        inputs, _, out = _mix_equation(ctx.one_value_head).replace("->", ",").split(",")
-        batch, heads, n, _ = dout.shape
-        dout = dout.reshape(batch, mix.shape[0], mix.shape[1], n, -1).float()
-        with torch.autocast(dout.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                dz = torch.einsum(f"{out},gce->{inputs}", dout, mix.float()).reshape(z.shape).to(z.dtype)
-            if ctx.needs_input_grad[1]:
-                grouped = _grouped(z, mix, ctx.one_value_head).float()
-                dmix = torch.einsum(f"{inputs},{out}->gce", grouped, dout).to(mix.dtype)
-        return dz, dmix, None
+        groups, c_h, _ = mix.shape
+        dout = dout.reshape(dout.shape[0], groups, 1, c_h, *dout.shape[2:]).float()  # (B, G, 1, c_h, N, d)
+        dz = dout * _weights(mix)
+        dz = dz.sum(3) if ctx.one_value_head else dz.permute(0, 1, 2, 4, 3, 5)
+        dmix = (_by_source_and_target(z, mix, ctx.one_value_head).float() * dout).sum((0, 4, 5))
+        return dz.reshape(z.shape).to(z.dtype), dmix.to(mix.dtype), None
 
 
-def _mix_equation(one_value_head: bool) -> str:
-    return "bgcnd,gce->bgend" if one_value_head else "bgcned,gce->bgend"
+def _mixed(z, mix, one_value_head):
+    return (_by_source_and_target(z, mix, one_value_head).float() * _weights(mix)).sum(2).reshape(
+        *z.shape[:3], -1).to(z.dtype)
 
 
-def _grouped(z, mix, one_value_head):
-    """z (B, H, N, width) as (B, G, c_h, N, d), or (B, G, c_h, N, c_h, d) with one column block per value head."""
+def _by_source_and_target(z, mix, one_value_head):
+    """z (B, H, N, width) as (B, G, c, e, N, d): source head c's product with target head e's values (broadcast
+    over e where the group's value heads are one)."""
     batch, heads, n, width = z.shape
     groups, c_h, _ = mix.shape
-    return z.view(batch, groups, c_h, n, width) if one_value_head else z.view(batch, groups, c_h, n, c_h, width // c_h)
+    if one_value_head:
+        return z.view(batch, groups, c_h, 1, n, width)
+    return z.view(batch, groups, c_h, n, c_h, width // c_h).transpose(3, 4)
+
+
+def _weights(mix):
+    """W (G, c, e) in float32, broadcast against `_by_source_and_target`."""
+    return mix.float()[None, :, :, :, None, None]
 
 
 def _kernel_group(heads: int, kv_heads: int, c_h: int, dropout_p: float = 0.0) -> int:
