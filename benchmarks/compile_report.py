@@ -76,7 +76,8 @@ def main():
     for head_dim in args.head_dims:
         layers = [(True, 2, {}), (False, 2, {})]
         if args.variants:
-            layers += [(True, 2, dict(PACKED=True)), (True, 2, dict(DROPOUT=True)), (True, 16, dict(DROPOUT=True))]
+            layers += [(True, 2, dict(PACKED=True)), (True, 1, dict(DROPOUT=True)), (True, 2, dict(DROPOUT=True)),
+                       (True, 16, dict(DROPOUT=True))]
         for has_conv, c_h, flags in layers:
             c_q, c_k, pad = (6, 11, 5) if has_conv else (1, 1, 0)
             stripe = (c_q - 1) + (c_k - 1 - pad) if has_conv else 0

@@ -183,7 +183,7 @@ def _band_scores_bwd_kernel(
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     dq = tl.zeros([BLOCK, D], dtype=tl.float32)
     dk = tl.zeros([BLOCK, D], dtype=tl.float32)
-    for w in tl.static_range(WB):
+    for w in range(WB):
         delta = w - (WB - 1)
         # dq~[i] += dband[w, i] k[i + delta]
         src = rows + delta
@@ -424,12 +424,19 @@ def _mta_fwd_kernel(
 def _probs_times_values(p, values, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         DROPOUT: tl.constexpr):
     """P [V_e]_e for E value heads side by side, each through its target head's dropout mask."""
-    if DROPOUT:  # E batched products of (dropped P) V_e
+    if DROPOUT and E > 1:  # E batched products of (dropped P) V_e
         kept = keep * p[None, :, :]
         return _side_by_side(tl.dot(kept.to(values.dtype), _by_head(values, E, D), input_precision=DOT_PRECISION),
                              E, D)
     else:
-        return tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+        return tl.dot(_one_mask(p, keep, DROPOUT).to(values.dtype), values, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _one_mask(p, keep, DROPOUT: tl.constexpr):
+    """p through the dropout mask of one target head (keep is (1, rows, cols)): with one value head held, the
+    products stay plain 2-D ones, which take the large tilings (3-D products need small ones)."""
+    return p * tl.reshape(keep, p.shape) if DROPOUT else p
 
 
 @triton.jit
@@ -444,11 +451,11 @@ def _probs(s, lse, rows, cols, rs, re, MASKED: tl.constexpr):
 @triton.jit
 def _dprobs(dz, values, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """The share of dP = sum_e dZ_e V_e^T of E value heads side by side, through their dropout masks."""
-    if DROPOUT:
+    if DROPOUT and E > 1:
         dp = tl.dot(_by_head(dz, E, D), tl.permute(_by_head(values, E, D), (0, 2, 1)), input_precision=DOT_PRECISION)
         return tl.sum(dp * keep, axis=0)
     else:
-        return tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION)
+        return _one_mask(tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION), keep, DROPOUT)
 
 
 @triton.jit
@@ -477,11 +484,11 @@ def _dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA,
 @triton.jit
 def _dvalues(p, dz, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """P^T dZ_e for E value heads side by side, with the P each met (through its dropout mask)."""
-    if DROPOUT:
+    if DROPOUT and E > 1:
         kept = tl.permute(keep * p[None, :, :], (0, 2, 1))
         return _side_by_side(tl.dot(kept.to(dz.dtype), _by_head(dz, E, D), input_precision=DOT_PRECISION), E, D)
     else:
-        return tl.dot(tl.trans(p.to(dz.dtype)), dz, input_precision=DOT_PRECISION)
+        return tl.dot(tl.trans(_one_mask(p, keep, DROPOUT).to(dz.dtype)), dz, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -857,6 +864,10 @@ def value_chunk(c_h: int, head_dim: int) -> int:
     return e
 
 
+# The row kernels (khat, band scores and their backward) hold (ROW_BLOCK x d) float32 tiles: with 4 warps at
+# d = 128 they spilled to the stack (5.8 KB per thread in the band backward; benchmarks/compile_report.py).
+ROW_BLOCK, ROW_KERNEL_WARPS = 64, 8
+
 KERNELS = ("fwd", "dkdv", "dq", "dv")
 # Per kernel (of KERNELS), a (BM, BN, num_warps, num_stages) to use instead of `_tiles`' choice:
 # benchmarks set it to compare tilings, tests to run each shape of tiling.
@@ -866,15 +877,15 @@ TILES_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
 def _tiles(kernel: str, head_dim: int, c_q: int, e: int, chunks: int, element_size: int,
            dropout: bool) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) of one kernel. Half precision: the fastest of a few candidates timed on an
-    H200 (benchmarks/sweep_tiles.py; benchmarks/NOTES.md). float32, dropout (its 3-D products) and groups in
-    chunks keep small tiles: the c_q query-shift accumulators and the shifted tiles each step loads must fit
+    H200 (benchmarks/sweep_tiles.py; benchmarks/NOTES.md). float32, dropout over several value heads (its 3-D
+    products) and groups in chunks keep small tiles: the c_q query-shift accumulators and the shifted tiles each step loads must fit
     registers and shared memory (with the large tiles, a group of 16 with dropout asked 295 KB)."""
     if kernel in TILES_OVERRIDE:
         return TILES_OVERRIDE[kernel]
     # Groups in chunks load dZ and V of every chunk at each step of the backward: two stages of those took
     # 320-430 KB of shared memory on an H200 (group of 12 at d = 64).
     stages = 1 if chunks > 1 and kernel in ("dkdv", "dq") else 2
-    large = element_size == 2 and chunks == 1 and not dropout
+    large = element_size == 2 and chunks == 1 and (not dropout or e == 1)
     if large and c_q > 1 and e * head_dim <= 256:  # (no dV kernel: that is for groups in chunks)
         if head_dim <= 64 and e * head_dim <= 128:
             return dict(fwd=(64, 64, 4, 2), dkdv=(64, 32, 4, 2), dq=(32, 64, 4, 2))[kernel]
@@ -981,11 +992,12 @@ def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg
         band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
         dband, dtheta_band = stripe_scores_backward(band, theta32, run.stripe, seg_start, dcband)
         dtheta += dtheta_band
-        _band_scores_bwd_kernel[_grid(n, 64, batch * heads)](
+        _band_scores_bwd_kernel[_grid(n, ROW_BLOCK, batch * heads)](
             q, k, dband.contiguous(), dq, dk, seg_start, seg_end,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             n, heads, kv_heads, heads // kv_heads, run.scale,
-            WB=run.c_q + run.c_k - 2, BLOCK=64, D=head_dim, PACKED=run.constants["PACKED"],
+            WB=run.c_q + run.c_k - 2, BLOCK=ROW_BLOCK, D=head_dim, PACKED=run.constants["PACKED"],
+            num_warps=ROW_KERNEL_WARPS,
         )
         del band, dband
     dq = dq.to(q.dtype)
@@ -1073,9 +1085,10 @@ _attention_op.register_autograd(_attention_backward, setup_context=_save_for_bac
 def _band_scores(q, k, seg_start, seg_end, width, scale):
     batch, heads, n, head_dim = q.shape
     band = _output((batch, heads, width, n), q, torch.float32)
-    _band_scores_kernel[_grid(n, 64, batch * heads)](
+    _band_scores_kernel[_grid(n, ROW_BLOCK, batch * heads)](
         q, k, band, seg_start, seg_end, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        n, heads, heads // k.shape[1], scale, WB=width, BLOCK=64, D=head_dim, PACKED=seg_start.shape[-1] > 1,
+        n, heads, heads // k.shape[1], scale, WB=width, BLOCK=ROW_BLOCK, D=head_dim, PACKED=seg_start.shape[-1] > 1,
+        num_warps=ROW_KERNEL_WARPS,
     )
     return band
 
@@ -1086,10 +1099,10 @@ def _conv_inputs(q, k, theta32, run, seg_start, seg_end):
     if not run.has_conv:
         return q.new_zeros(1), q.new_zeros(1, dtype=torch.float32)
     khat = _output((batch, heads, run.c_q, n, head_dim), q)
-    _khat_kernel[_grid(n, 64, batch * heads)](
+    _khat_kernel[_grid(n, ROW_BLOCK, batch * heads)](
         k, theta32, khat, seg_start, seg_end, k.stride(0), k.stride(1), k.stride(2),
-        n, heads, heads // k.shape[1], C_Q=run.c_q, C_K=run.c_k, PAD=run.pad, BLOCK=64, D=head_dim,
-        PACKED=run.constants["PACKED"],
+        n, heads, heads // k.shape[1], C_Q=run.c_q, C_K=run.c_k, PAD=run.pad, BLOCK=ROW_BLOCK, D=head_dim,
+        PACKED=run.constants["PACKED"], num_warps=ROW_KERNEL_WARPS,
     )
     if run.stripe == 0:
         return khat, q.new_zeros(1, dtype=torch.float32)

@@ -13,7 +13,7 @@ from examples.toy_find_block.evaluate import TARGET_LENGTH, exact_match_errors
 from examples.toy_find_block.models import build_model
 from examples.toy_find_block.settings import Settings
 from examples.toy_find_block.train import main as train_main
-from examples.toy_find_block.train import train_one
+from examples.toy_find_block.train import Run, train_one
 
 TINY_RUN = dict(size="tiny", batch_size=8, train_size=120, test_size=24, eval_every=3, log_every=3)
 
@@ -212,6 +212,18 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     progress = json.loads((tmp_path / "resumed/out/baseline-seed3.json").read_text())
     assert progress["status"] == "finished" and [e["step"] for e in progress["evals"]] == [3, 6]
     assert progress["final"] == final and final["error"] == straight["evals"][-1]["error"]
+
+
+def test_a_compiled_run_checkpoints_under_the_model_parameter_names(tmp_path):
+    settings = Settings(**TINY_RUN, compile=True, work_dir=tmp_path, out=tmp_path / "out")
+    compiled = Run("mta", 3, settings, torch.device("cpu"))
+    assert compiled.net is not compiled.model  # the steps go through torch.compile's wrapper
+    compiled.save_checkpoint()
+    saved = torch.load(compiled.checkpoint_path, weights_only=False)["model"]
+    assert list(saved) == list(build_model("mta", 3, "tiny").state_dict())  # no "_orig_mod." prefix
+    eager = Run("mta", 3, Settings(**TINY_RUN, work_dir=tmp_path, out=tmp_path / "out"), torch.device("cpu"))
+    eager.load_checkpoint()  # an eager session resumes a compiled one
+    assert eager.net is eager.model
 
 
 @pytest.mark.parametrize(

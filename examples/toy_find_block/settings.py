@@ -35,6 +35,9 @@ class Settings:
     eval_every: int = _option(500, "evaluate on the test set and checkpoint every this many steps")
     eval_batch_size: int = _option(250, "batch size of evaluation")
     log_every: int = _option(100, "print the training loss every this many steps")
+    compile: bool = _option(
+        False, "run the model through torch.compile: on a GPU the tiny models' steps are bound by Python's overhead "
+        "per operation; costs a compile for training and one for evaluation at the start")
     resume: bool = _option(False, "continue each run from its checkpoint in --work-dir, where there is one")
     work_dir: Path = _option(Path("runs/toy_find_block"), "data cache, checkpoints and logs", type=Path)
     out: Path | None = _option(

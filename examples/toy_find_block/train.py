@@ -52,6 +52,8 @@ class Run:
         self.order = TrainOrder(len(self.train_rows), settings.batch_size, seed)
 
         self.model = build_model(model_kind, seed, settings.size, settings.dropout).to(device).train()
+        # What the steps and evaluations call; the checkpoints keep `model`'s own parameter names.
+        self.net = torch.compile(self.model, dynamic=False) if settings.compile else self.model
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=settings.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0,
             fused=device.type == "cuda",
@@ -120,7 +122,7 @@ class Run:
         ))
 
     def evaluate(self) -> dict:
-        result = exact_match_errors(self.model, self.test_tokens, self.settings.eval_batch_size, self.autocast)
+        result = exact_match_errors(self.net, self.test_tokens, self.settings.eval_batch_size, self.autocast)
         result = dict(step=self.step, train_seconds=round(self.train_seconds, 1), **result)
         self.evals.append(result)
         print(f"[{self.name}] step {self.step}: test error {result['error']:.2%} "
@@ -157,7 +159,7 @@ class Run:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(self.step)
             with self.autocast():
-                loss = answer_loss(*answer_logits(self.model, self.batch(self.step)))
+                loss = answer_loss(*answer_logits(self.net, self.batch(self.step)))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0, foreach=True)
             self.optimizer.step()
