@@ -5,6 +5,7 @@ For each (heads x head_dim) and sequence length, batch 1, bf16: forward and forw
   sdpa         torch's scaled_dot_product_attention, causal (flash attention)
   mta_kq       fused MTA, a key-query-convolution layer: pre-softmax kq conv 6 x 11 + post-softmax head mix 2
   mta_headmix  fused MTA, a head-mix-only layer: post-softmax head mix 2
+  mta_premix   fused MTA, pre-softmax head mix 2 (no kq conv; without GQA its q and k run 2 x d wide)
   reference    the reference MTA attention on the kq-conv layer, until it runs out of memory
 Prints a table with ratios to SDPA and writes the rows as JSON.
 
@@ -56,6 +57,7 @@ def implementations(n: int):
                                                                            enable_gqa=k.shape[1] < q.shape[1]),
         "mta_kq": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, theta, mix),
         "mta_headmix": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, None, mix),
+        "mta_premix": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, head_mix_weight=mix),
         "reference": reference,
     }
 
@@ -101,7 +103,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     parser.add_argument("--shapes", nargs="+", default=[f"{h}x{d}" for h, d in SHAPES], help="HEADSxHEAD_DIM")
-    parser.add_argument("--impls", nargs="+", default=["sdpa", "mta_kq", "mta_headmix", "reference"])
+    parser.add_argument("--impls", nargs="+", default=["sdpa", "mta_kq", "mta_headmix", "mta_premix", "reference"])
     parser.add_argument("--gqa", type=int, default=1,
                         help="query heads per key/value head (with 2 or more, each head-mixing group of 2 reads one)")
     parser.add_argument("--max-reference-len", type=int, default=16384, help="skip the reference beyond this N")

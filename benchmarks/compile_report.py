@@ -98,7 +98,7 @@ KERNEL_FUNCTIONS = {"fwd": mt._mta_fwd_kernel, "dkdv": mt._mta_bwd_dkdv_kernel, 
 
 
 def report_kernel(kernel, head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, bm, bn, warps, stages):
-    constexprs = dict(dict(HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim,
+    constexprs = dict(dict(HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim, DQK=head_dim,
                            DOT_PRECISION="tf32", PACKED=False, DROPOUT=False, E=e), **flags)
     if kernel in ("dkdv", "dv"):  # the key-major kernels mix their key tiles themselves
         constexprs.update(C_K=c_k, PAD=pad)

@@ -364,6 +364,7 @@ class MTAAttention(nn.Module):
                 self.config.key_padding,
                 key_start=spans,
                 new_rows=seq_len,
+                head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
             )
             probs = None
         elif spans is not None:
@@ -376,6 +377,7 @@ class MTAAttention(nn.Module):
                 key_padding=self.config.key_padding,
                 segments=spans,
                 dropout_p=self.attention_dropout if self.training else 0.0,
+                head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
             )
             probs = None
         elif layout.documents() is not None:
@@ -448,8 +450,10 @@ class MTAAttention(nn.Module):
                 tuple(self.kq_conv.weight.shape[-2:]) if self.kq_conv is not None else None,
                 self.config.key_padding,
                 self.kq_conv_post is not None,
-                self.head_mix is not None,
+                self.head_mix.weight.shape[-1] if self.head_mix is not None else None,
                 self.head_mix_post.weight.shape[-1] if self.head_mix_post is not None else None,
+                query.shape[1] // self.config.num_key_value_heads,
+                decoding=bool(layout.past_len),
             )
         if gap is None:
             return self.spans(layout)

@@ -45,6 +45,9 @@ POISON_OUTPUTS = False
 
 MAX_QUERY_SIZE = 8
 MAX_KEY_SIZE = 15
+# Pre-softmax head mixing runs as heads c_p * d wide on the score side (`_premixed`); the widest such tile
+# that leaves the kernels room in registers and shared memory.
+MAX_PREMIXED_WIDTH = 512
 
 
 def fused_coverage_gap(
@@ -52,14 +55,24 @@ def fused_coverage_gap(
     kq_conv_size: tuple[int, int] | None,
     key_padding: str,
     has_kq_conv_post: bool,
-    has_head_mix_pre: bool,
+    head_mix_size: int | None,
     head_mix_post_size: int | None,
+    queries_per_key: int = 1,
+    decoding: bool = False,
 ) -> str | None:
-    """None if the fused kernel computes this configuration, else the name of what it lacks."""
+    """None if the fused kernel computes this configuration, else the name of what it lacks. `queries_per_key`:
+    query heads per key/value head (GQA); `decoding`: new tokens against a cache."""
     if has_kq_conv_post:
         return "post-softmax key-query convolution"
-    if has_head_mix_pre:
-        return "pre-softmax head mixing"
+    if head_mix_size is not None:
+        if kq_conv_size is not None:
+            return "pre-softmax head mixing together with a key-query convolution"
+        side_by_side = queries_per_key % head_mix_size != 0  # the group's heads read different key heads
+        if decoding and side_by_side:
+            return "pre-softmax head mixing while decoding, in groups whose heads read different key heads"
+        if side_by_side and (head_mix_size & (head_mix_size - 1) or head_mix_size * head_dim > MAX_PREMIXED_WIDTH):
+            return (f"pre-softmax head mixing in groups of {head_mix_size} at head_dim {head_dim} (kernel: groups "
+                    f"that share a key head, or group size x head_dim a power of two up to {MAX_PREMIXED_WIDTH})")
     if head_dim not in (16, 32, 64, 128):
         return f"head_dim {head_dim} (kernel: 16, 32, 64, 128)"
     if kq_conv_size is not None:
@@ -366,11 +379,11 @@ def _fwd_step(
     acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b, first,
     stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, MASKED: tl.constexpr,
+    DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The forward's running output, max and sum after the key block at n0."""
     cols = n0 + tl.arange(0, BN)
-    ks = _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV, C_Q, D)
+    ks = _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV, C_Q, DQK)
     s = _scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED)
     if MASKED:
         s = tl.where(_visible(rows, cols, rs, re), s, float("-inf"))
@@ -384,19 +397,19 @@ def _fwd_step(
 def _mta_fwd_kernel(
     q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    N, H, GQA, scale, dropout_p,
+    N, H, GQA_K, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
-    DROPOUT: tl.constexpr, E: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
 ):
     pid, bh, b, h = _program(H)
     first = _value_chunk(h, C_H, E)
     rows = pid * BM + tl.arange(0, BM)
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
-    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
-    khat_base = khat_ptr + bh * C_Q * N * D
+    k_base = k_ptr + b * stride_kb + (h // GQA_K) * stride_kh
+    khat_base = khat_ptr + bh * C_Q * N * DQK
     cband_base = cband_ptr + bh * STRIPE * N
-    qs = _query_tiles(q_ptr + b * stride_qb + h * stride_qh, rows, rs, re, stride_qn, C_Q, D)
+    qs = _query_tiles(q_ptr + b * stride_qb + h * stride_qh, rows, rs, re, stride_qn, C_Q, DQK)
 
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
@@ -406,12 +419,12 @@ def _mta_fwd_kernel(
     for n0 in range(clean_lo, clean_hi, BN):
         acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b,
                               first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
-                              HAS_CONV, C_Q, STRIPE, BN, D, DOT_PRECISION, DROPOUT, E, False)
+                              HAS_CONV, C_Q, STRIPE, BN, D, DQK, DOT_PRECISION, DROPOUT, E, False)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BN)):
         n0 = _masked_block(i, lo, clean_lo, clean_hi, BN)
         acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b,
                               first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
-                              HAS_CONV, C_Q, STRIPE, BN, D, DOT_PRECISION, DROPOUT, E, True)
+                              HAS_CONV, C_Q, STRIPE, BN, D, DQK, DOT_PRECISION, DROPOUT, E, True)
     has_key = l > 0
     z = acc / tl.where(has_key, l, 1.0)[:, None]
     c = (first - h // C_H * C_H) * D + tl.arange(0, E * D)  # this chunk's columns of Z
@@ -496,7 +509,8 @@ def _dkdv_step(
     dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr, delta_ptr, seg_start_ptr,
     seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
     C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, MASKED: tl.constexpr,
+    DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """The key-major backward's accumulators after the query block at m0: the gradients of the key tiles (khat_a
     with the convolution) and, for groups held side by side, of the values."""
@@ -504,7 +518,7 @@ def _dkdv_step(
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     lse = tl.load(lse_ptr + bh * N + rows, mask=rows < N, other=0.0)
     delta = tl.load(delta_ptr + bh * N + rows, mask=rows < N, other=0.0)
-    qs = _query_tiles(q_base, rows, rs, re, stride_qn, C_Q, D)
+    qs = _query_tiles(q_base, rows, rs, re, stride_qn, C_Q, DQK)
     p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED),
                lse, rows, cols, rs, re, MASKED)
     if E == C_H:
@@ -530,29 +544,29 @@ def _mta_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, cband_ptr, theta_ptr, dz_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dtheta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    N, H, H_KV, GQA, scale, dropout_p,
+    N, H, H_K, H_KV, GQA_K, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
-    C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
 ):
     """One key block of one source head: gradients of k and theta, and of the group's values when they fit
     side by side (E = C_H; else `_mta_bwd_dv_kernel` makes those)."""
     pid, bh, b, h = _program(H)
-    kvh = h // GQA
+    kh = h // GQA_K
     cols = pid * BN + tl.arange(0, BN)
     cs, ce = _segments(seg_start_ptr, seg_end_ptr, b, cols, N, PACKED)
     col_ok = (cols >= cs) & (cols < ce)
-    d = tl.arange(0, D)
+    d = tl.arange(0, DQK)
     q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    k_base = k_ptr + b * stride_kb + kh * stride_kh
     cband_base = cband_ptr + bh * STRIPE * N
     first = h // C_H * C_H
-    ks = _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV, C_Q, C_K, PAD, D)
+    ks = _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV, C_Q, C_K, PAD, DQK)
     values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D) if E == C_H else 0.0
     dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
     dks = ()  # d C / d khat_a for each query shift a; without the convolution (C_Q = 1) d C / d k
     for a in tl.static_range(C_Q):
-        dks = dks + (tl.zeros([BN, D], dtype=tl.float32),)
+        dks = dks + (tl.zeros([BN, DQK], dtype=tl.float32),)
     # The queries that see key j are j .. (end of j's segment) - 1.
     lo = (pid * BN) // BM * BM
     hi = tl.max(tl.where(col_ok, ce, 0), axis=0)
@@ -561,31 +575,31 @@ def _mta_bwd_dkdv_kernel(
         dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr,
                                   delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb,
                                   stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                                  DOT_PRECISION, PACKED, DROPOUT, E, False)
+                                  DQK, DOT_PRECISION, PACKED, DROPOUT, E, False)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BM)):
         m0 = _masked_block(i, lo, clean_lo, clean_hi, BM)
         dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr,
                                   delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb,
                                   stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                                  DOT_PRECISION, PACKED, DROPOUT, E, True)
+                                  DQK, DOT_PRECISION, PACKED, DROPOUT, E, True)
 
     if E == C_H:
         _add_dvalues(dv_ptr, dvalues, b, first, cols, col_ok, N, H_KV, GQA, E, D)
-    dk_base = dk_ptr + (b * H_KV + kvh) * N * D
+    dk_base = dk_ptr + (b * H_K + kh) * N * DQK
     if HAS_CONV:
         # khat_a[j] = sum_t theta[a, t] k[j - PAD + t]: send each khat gradient back through the kernel.
         for t in tl.static_range(C_K):
             dst = cols - PAD + t
             ok = (dst >= cs) & (dst < ce) & col_ok
             kt = tl.load(k_base + dst[:, None] * stride_kn + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            dk_t = tl.zeros([BN, D], dtype=tl.float32)
+            dk_t = tl.zeros([BN, DQK], dtype=tl.float32)
             for a in tl.static_range(C_Q):
                 dk_t += tl.load(theta_ptr + (h * C_Q + a) * C_K + t) * dks[a]
                 dth = tl.sum(tl.sum(tl.where(col_ok[:, None], dks[a], 0.0) * kt, axis=1), axis=0)
                 tl.atomic_add(dtheta_ptr + (h * C_Q + a) * C_K + t, dth * scale)
-            tl.atomic_add(dk_base + dst[:, None] * D + d[None, :], dk_t * scale, mask=ok[:, None])
+            tl.atomic_add(dk_base + dst[:, None] * DQK + d[None, :], dk_t * scale, mask=ok[:, None])
     else:
-        tl.atomic_add(dk_base + cols[:, None] * D + d[None, :], dks[0] * scale, mask=col_ok[:, None])
+        tl.atomic_add(dk_base + cols[:, None] * DQK + d[None, :], dks[0] * scale, mask=col_ok[:, None])
 
 
 @triton.jit
@@ -602,13 +616,14 @@ def _dv_step(
     dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, first,
     chunk, stride_qn, N, H, scale, dropout_p,
     C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, MASKED: tl.constexpr,
+    DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """The value gradients of one chunk after the query block at m0."""
     rows = m0 + tl.arange(0, BM)
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     lse = tl.load(lse_ptr + bh * N + rows, mask=rows < N, other=0.0)
-    qs = _query_tiles(q_base, rows, rs, re, stride_qn, C_Q, D)
+    qs = _query_tiles(q_base, rows, rs, re, stride_qn, C_Q, DQK)
     p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED),
                lse, rows, cols, rs, re, MASKED)
     keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
@@ -619,11 +634,11 @@ def _dv_step(
 def _mta_bwd_dv_kernel(
     q_ptr, k_ptr, theta_ptr, cband_ptr, dz_ptr, lse_ptr, dv_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    N, H, H_KV, GQA, scale, dropout_p,
+    N, H, H_KV, GQA_K, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
     C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
-    DROPOUT: tl.constexpr, E: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
 ):
     """For groups too wide to hold side by side: one key block of one source head, the gradients of one
     chunk of E of its group's values (P^T dZ_e, P recomputed)."""
@@ -635,8 +650,8 @@ def _mta_bwd_dv_kernel(
     col_ok = (cols >= cs) & (cols < ce)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     cband_base = cband_ptr + bh * STRIPE * N
-    ks = _own_key_tiles(k_ptr + b * stride_kb + (h // GQA) * stride_kh, theta_ptr, h, cols, cs, ce, stride_kn, N,
-                        HAS_CONV, C_Q, C_K, PAD, D)
+    ks = _own_key_tiles(k_ptr + b * stride_kb + (h // GQA_K) * stride_kh, theta_ptr, h, cols, cs, ce, stride_kn, N,
+                        HAS_CONV, C_Q, C_K, PAD, DQK)
     dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
     lo = (pid * BN) // BM * BM
     hi = tl.max(tl.where(col_ok, ce, 0), axis=0)
@@ -644,12 +659,12 @@ def _mta_bwd_dv_kernel(
     for m0 in range(clean_lo, clean_hi, BM):
         dvalues = _dv_step(dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
                            seed_ptr, bh, b, first, chunk, stride_qn, N, H, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                           DOT_PRECISION, PACKED, DROPOUT, E, False)
+                           DQK, DOT_PRECISION, PACKED, DROPOUT, E, False)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BM)):
         m0 = _masked_block(i, lo, clean_lo, clean_hi, BM)
         dvalues = _dv_step(dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
                            seed_ptr, bh, b, first, chunk, stride_qn, N, H, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                           DOT_PRECISION, PACKED, DROPOUT, E, True)
+                           DQK, DOT_PRECISION, PACKED, DROPOUT, E, True)
     _add_dvalues(dv_ptr, dvalues, b, first, cols, col_ok, N, H_KV, GQA, E, D)
 
 
@@ -658,12 +673,13 @@ def _dq_step(
     dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr, seed_ptr, bh, b, h, lse,
     delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr, BN: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, MASKED: tl.constexpr,
+    D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """The query-major backward's accumulators (the gradient of each query tile) after the key block at n0; on the
     stripe, dC goes to dcband instead."""
     cols = n0 + tl.arange(0, BN)
-    ks = _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV, C_Q, D)
+    ks = _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV, C_Q, DQK)
     p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED),
                lse, rows, cols, rs, re, MASKED)
     if E == C_H:
@@ -691,46 +707,46 @@ def _mta_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, delta_ptr, dq_ptr, dcband_ptr, seg_start_ptr, seg_end_ptr,
     seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    N, H, GQA, scale, dropout_p,
+    N, H, GQA_K, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
-    DROPOUT: tl.constexpr, E: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
 ):
     """One query block of one source head: the gradient of q, and the stripe's share of dC."""
     pid, bh, b, h = _program(H)
     rows = pid * BM + tl.arange(0, BM)
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
-    d = tl.arange(0, D)
-    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
-    khat_base = khat_ptr + bh * C_Q * N * D
+    d = tl.arange(0, DQK)
+    k_base = k_ptr + b * stride_kb + (h // GQA_K) * stride_kh
+    khat_base = khat_ptr + bh * C_Q * N * DQK
     cband_base = cband_ptr + bh * STRIPE * N
     dcband_base = dcband_ptr + bh * STRIPE * N
-    qs = _query_tiles(q_ptr + b * stride_qb + h * stride_qh, rows, rs, re, stride_qn, C_Q, D)
+    qs = _query_tiles(q_ptr + b * stride_qb + h * stride_qh, rows, rs, re, stride_qn, C_Q, DQK)
     dz = _dz_tile(dz_ptr, bh, rows, N, C_H, 0, C_H, D) if E == C_H else 0.0
     lse = tl.load(lse_ptr + bh * N + rows, mask=rows < N, other=0.0)
     delta = tl.load(delta_ptr + bh * N + rows, mask=rows < N, other=0.0)
 
     dqs = ()  # the gradient of each query tile (C_Q is 1 without the convolution)
     for a in tl.static_range(C_Q):
-        dqs = dqs + (tl.zeros([BM, D], dtype=tl.float32),)
+        dqs = dqs + (tl.zeros([BM, DQK], dtype=tl.float32),)
     lo, hi = _key_range(rows, rs, re, N, BN)
     clean_lo, clean_hi = _clean_key_blocks(rows, rs, re, lo, hi, STRIPE, BN)
     for n0 in range(clean_lo, clean_hi, BN):
         dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr,
                        seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
-                       dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DOT_PRECISION, DROPOUT, E, False)
+                       dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DQK, DOT_PRECISION, DROPOUT, E, False)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BN)):
         n0 = _masked_block(i, lo, clean_lo, clean_hi, BN)
         dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr,
                        seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
-                       dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DOT_PRECISION, DROPOUT, E, True)
+                       dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DQK, DOT_PRECISION, DROPOUT, E, True)
 
-    dq_base = dq_ptr + bh * N * D
+    dq_base = dq_ptr + bh * N * DQK
     for a in tl.static_range(C_Q):
         # Query tile a of row i is the query at i - (C_Q - 1) + a.
         dst = rows - (C_Q - 1 - a)
         ok = (dst >= rs) & (dst < re)
-        tl.atomic_add(dq_base + dst[:, None] * D + d[None, :], dqs[a] * scale, mask=ok[:, None])
+        tl.atomic_add(dq_base + dst[:, None] * DQK + d[None, :], dqs[a] * scale, mask=ok[:, None])
 
 
 @triton.jit
@@ -928,18 +944,20 @@ def _launch(kernel, grid, args, tiling, constants):
 class _Launch:
     """What the kernels of one call are compiled and launched with, from the shapes of its inputs."""
 
-    def __init__(self, q, theta, key_padding, c_h, seg_start, dropout_p):
+    def __init__(self, q, v, theta, key_padding, c_h, seg_start, dropout_p):
         self.has_conv = theta is not None
         self.c_q, self.c_k = theta.shape[-2:] if self.has_conv else (1, 1)
         self.pad = key_padding_left(key_padding, self.c_k) if self.has_conv else 0
         self.stripe = (self.c_q - 1) + (self.c_k - 1 - self.pad) if self.has_conv else 0
         self.c_h = c_h
-        self.e = value_chunk(c_h, q.shape[-1])
+        self.e = value_chunk(c_h, v.shape[-1])
         self.chunks = c_h // self.e
-        self.scale = 1.0 / math.sqrt(q.shape[-1])
+        # q and k are wider than the values (c_p * d) with pre-softmax head mixing (`_premixed`): the scale is the
+        # head's, and the tilings are those of the wider side.
+        self.scale = 1.0 / math.sqrt(v.shape[-1])
         self.head_dim, self.element_size, self.dropout = q.shape[-1], q.element_size(), dropout_p > 0
         self.constants = dict(
-            HAS_CONV=self.has_conv, C_Q=self.c_q, STRIPE=self.stripe, C_H=c_h, D=q.shape[-1],
+            HAS_CONV=self.has_conv, C_Q=self.c_q, STRIPE=self.stripe, C_H=c_h, D=v.shape[-1], DQK=q.shape[-1],
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=seg_start.shape[-1] > 1,
             DROPOUT=dropout_p > 0, E=self.e,
         )
@@ -956,15 +974,16 @@ def _strides(q, k, v):
 def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
     """Z (B, H, N, c_h * d): each source head's probabilities times the values of its group, side by side
     (through each target head's dropout mask); and the rows' log-sum-exp (B, H, N), float32."""
-    batch, heads, n, head_dim = q.shape
-    run = _Launch(q, theta, key_padding, c_h, seg_start, dropout_p)
+    batch, heads, n, _ = q.shape
+    run = _Launch(q, v, theta, key_padding, c_h, seg_start, dropout_p)
     theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
     khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
-    z = _output((batch, heads, n, c_h * head_dim), q)
+    z = _output((batch, heads, n, c_h * v.shape[-1]), q)
     lse = _output((batch, heads, n), q, torch.float32)
     _launch(_mta_fwd_kernel, lambda bm, bn: _grid(n, bm, batch * heads, run.chunks),
             (q, k, v, khat, cband, z, lse, seg_start, seg_end, seed, *_strides(q, k, v),
-             n, heads, heads // k.shape[1], run.scale, dropout_p), run.tiling("fwd"), run.constants)
+             n, heads, heads // k.shape[1], heads // v.shape[1], run.scale, dropout_p), run.tiling("fwd"),
+            run.constants)
     return z, lse
 
 
@@ -974,8 +993,8 @@ def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg
     Ordered for peak memory: khat (c_q times the keys) lives only through the query-major kernel, and the float32
     dQ is cast down before the key-major kernels (which mix their key tiles themselves) add to dK and dV."""
     batch, heads, n, head_dim = q.shape
-    kv_heads = k.shape[1]
-    run = _Launch(q, theta, key_padding, c_h, seg_start, dropout_p)
+    k_heads, v_heads = k.shape[1], v.shape[1]
+    run = _Launch(q, v, theta, key_padding, c_h, seg_start, dropout_p)
     delta = _rowwise_dot(dz, z)
     dz = dz.to(q.dtype).contiguous()
     theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
@@ -984,9 +1003,9 @@ def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg
     dcband = torch.zeros_like(cband)
     _launch(_mta_bwd_dq_kernel, lambda bm, bn: _grid(n, bm, batch * heads),
             (q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, seed, *_strides(q, k, v),
-             n, heads, heads // kv_heads, run.scale, dropout_p), run.tiling("dq"), run.constants)
+             n, heads, heads // k_heads, heads // v_heads, run.scale, dropout_p), run.tiling("dq"), run.constants)
     del khat
-    dk = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(batch, k_heads, n, head_dim, device=q.device, dtype=torch.float32)
     dtheta = torch.zeros_like(theta32)
     if run.has_conv and run.stripe > 0:
         band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
@@ -995,23 +1014,24 @@ def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg
         _band_scores_bwd_kernel[_grid(n, ROW_BLOCK, batch * heads)](
             q, k, dband.contiguous(), dq, dk, seg_start, seg_end,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            n, heads, kv_heads, heads // kv_heads, run.scale,
+            n, heads, k_heads, heads // k_heads, run.scale,
             WB=run.c_q + run.c_k - 2, BLOCK=ROW_BLOCK, D=head_dim, PACKED=run.constants["PACKED"],
             num_warps=ROW_KERNEL_WARPS,
         )
         del band, dband
     dq = dq.to(q.dtype)
-    dv = torch.zeros(batch, kv_heads, n, head_dim, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
     key_constants = dict(run.constants, C_K=run.c_k, PAD=run.pad)
     _launch(_mta_bwd_dkdv_kernel, lambda bm, bn: _grid(n, bn, batch * heads),
-            (q, k, v, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, seed,
-             *_strides(q, k, v), n, heads, kv_heads, heads // kv_heads, run.scale, dropout_p),
+            (q, k, v, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, seed, *_strides(q, k, v),
+             n, heads, k_heads, v_heads, heads // k_heads, heads // v_heads, run.scale, dropout_p),
             run.tiling("dkdv"), key_constants)
     if run.chunks > 1:
         _launch(_mta_bwd_dv_kernel, lambda bm, bn: _grid(n, bn, batch * heads, run.chunks),
                 (q, k, theta32, cband, dz, lse, dv, seg_start, seg_end, seed,
                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                 n, heads, kv_heads, heads // kv_heads, run.scale, dropout_p), run.tiling("dv"), key_constants)
+                 n, heads, v_heads, heads // k_heads, heads // v_heads, run.scale, dropout_p), run.tiling("dv"),
+                key_constants)
     dtheta = dtheta.to(theta.dtype) if run.has_conv else q.new_empty(0)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dtheta
 
@@ -1044,7 +1064,7 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
-    return q.new_empty(*q.shape[:3], c_h * q.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(*q.shape[:3], c_h * v.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
@@ -1163,6 +1183,22 @@ def _weights(mix):
     return mix.float()[None, :, :, :, None, None]
 
 
+def _premixed(q: torch.Tensor, k: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys whose plain scores are the pre-softmax-mixed ones: S'_e = sum_c W[c, e] q_c . k_c over the
+    c_p heads c of e's group. Where the group's heads read one key head (GQA), that is (sum_c W[c, e] q_c) . k:
+    mixed queries, the keys as they are. Else the group's heads side by side, c_p * d wide: Q_e = [W[c, e] q_c]_c
+    against one key head per group K_g = [k_c]_c. Autograd takes the kernels' gradients of these back to q, k and
+    the weights."""
+    batch, heads, n, head_dim = q.shape
+    groups, c_p, _ = mix.shape
+    by_source = q.view(batch, groups, c_p, 1, n, head_dim) * mix.to(q.dtype)[None, :, :, :, None, None]  # (c, e)
+    if (heads // k.shape[1]) % c_p == 0:
+        return by_source.sum(2).reshape(q.shape), k
+    keys = k.repeat_interleave(heads // k.shape[1], dim=1).view(batch, groups, c_p, n, head_dim)
+    wide_q = by_source.permute(0, 1, 3, 4, 2, 5).reshape(batch, heads, n, c_p * head_dim)
+    return wide_q, keys.permute(0, 1, 3, 2, 4).reshape(batch, groups, n, c_p * head_dim)
+
+
 def _kernel_group(heads: int, kv_heads: int, c_h: int, dropout_p: float = 0.0) -> int:
     """The group size to run the kernels with. Where each head-mixing group reads one key/value head (GQA groups
     of a multiple of c_h query heads, as in a retrofitted Llama 3) its c_h value heads are one, and P_c [V_e]_e
@@ -1181,6 +1217,7 @@ def mta_attention_fused(
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    head_mix_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal MTA attention core, fused: the output (B, H, N, d) of `mta_reference.mta_attention`.
 
@@ -1188,8 +1225,9 @@ def mta_attention_fused(
     [seg_start[b, t], seg_end[b, t]) and is real iff it lies inside it. Attention and convolution stay
     inside each span, as if each ran alone: the documents of a packed row (`document_segments`), or, as
     (B, 1) tensors, one span per row, its real tokens between padding (`row_segments`). Default: whole rows.
-    Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15) and post-softmax head mixing in groups of any size
-    (all heads included; beyond 4 the group's value heads are taken `value_chunk` at a time).
+    Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15), post-softmax head mixing in groups of any size
+    (all heads included; beyond 4 the group's value heads are taken `value_chunk` at a time), and pre-softmax
+    head mixing (`head_mix_weight`, (H / c_p, c_p, c_p)) in layers without a kq conv (`_premixed`).
     `dropout_p` drops entries of the final attention maps (after head mixing) as the reference does in
     training; the masks follow from `dropout_seed` (`dropout_keep_scale` makes them), by default drawn
     from torch's generator.
@@ -1199,7 +1237,7 @@ def mta_attention_fused(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if k.shape[1] == 0 or heads % k.shape[1]:
         raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")
-    _check_coverage(head_dim, kq_conv_weight, head_mix_post_weight, key_padding)
+    _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding)
     device = q.device
     if segments is None:
         segments = row_segments(torch.zeros(batch, device=device), torch.full((batch,), n, device=device))
@@ -1211,6 +1249,8 @@ def mta_attention_fused(
     q, k, v = _in_autocast_dtype(q, k, v)
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
     group = _kernel_group(heads, k.shape[1], c_h, dropout_p)
+    if head_mix_weight is not None:
+        q, k = _premixed(q, k, head_mix_weight)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if dropout_p and dropout_seed is None:
         seed = torch.randint(2**31 - 1, (1,), device=device, dtype=torch.int64)
@@ -1230,6 +1270,7 @@ def mta_decode_fused(
     key_padding: str,
     key_start: torch.Tensor,
     new_rows: int,
+    head_mix_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The last `new_rows` rows of causal MTA attention against a cache, fused, forward only: (B, H, new_rows, d).
 
@@ -1237,10 +1278,14 @@ def mta_decode_fused(
     positions, the new tokens' and, for a convolution, up to c_q - 1 before them (earlier rows count as zero).
     Keys from key_start[b] on are real (left padding before). No N x N tensor: the kernel's queries are mixed
     first (c_k of them per row) and meet each key once, and the stripe near the diagonal is computed exactly.
+    Pre-softmax head mixing (`head_mix_weight`) is covered where each group's heads read one key head: then it
+    mixes the queries alone (`_premixed`), and the cache is read as it is.
     """
     heads, head_dim = q_rows.shape[1], q_rows.shape[3]
-    _check_coverage(head_dim, kq_conv_weight, head_mix_post_weight, key_padding)
+    _check_coverage(q_rows, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, decoding=True)
     q_rows, k, v = _in_autocast_dtype(q_rows, k, v)
+    if head_mix_weight is not None:
+        q_rows, k = _premixed(q_rows, k, head_mix_weight)
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
     group = _kernel_group(heads, k.shape[1], c_h)
     theta = kq_conv_weight if kq_conv_weight is not None else q_rows.new_ones(heads, 1, 1, 1)
@@ -1317,10 +1362,11 @@ def dropout_keep_scale(batch: int, heads: int, n: int, c_h: int, dropout_p: floa
     return out
 
 
-def _check_coverage(head_dim, kq_conv_weight, head_mix_post_weight, key_padding):
-    gap = fused_coverage_gap(head_dim, tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
-                             key_padding, False, False,
-                             head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None)
+def _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, decoding=False):
+    gap = fused_coverage_gap(q.shape[-1], tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
+                             key_padding, False, head_mix_weight.shape[-1] if head_mix_weight is not None else None,
+                             head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None,
+                             q.shape[1] // k.shape[1], decoding)
     if gap is not None:
         raise ValueError(f"the fused MTA kernel does not cover {gap}")
 

@@ -39,11 +39,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_against_reference(
     batch=2, heads=4, kv_heads=2, n=37, head_dim=16, size=(3, 5), padding="both", group=2,
-    dtype=torch.float32, starts=None, ends=None, documents=None, per_token=False, dropout=0.0, seed=0,
+    dtype=torch.float32, starts=None, ends=None, documents=None, per_token=False, dropout=0.0, seed=0, premix=None,
 ):
     """Fused against the reference run on each span alone: a row's real tokens [starts[b], ends[b]) (padding
     around them; given per row, or with `per_token` per token), or with `documents` (per row, the begin of each
-    of its packed documents) every document."""
+    of its packed documents) every document. `group` is the post-softmax head-mixing group, `premix` the
+    pre-softmax one."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
 
     def rand(*shape, spread=1.0):
@@ -56,6 +57,7 @@ def check_against_reference(
     # tolerances: its errors scale with the scores, whatever the implementation.
     theta = rand(heads, 1, *size, spread=1.5 / math.prod(size) ** 0.5) if size else None
     mix = rand(heads // group, group, group, spread=0.7) if group else None
+    premix_weight = rand(heads // premix, premix, premix, spread=0.7) if premix else None
     if documents is None:
         starts, ends = starts or [0] * batch, ends or [n] * batch
         segments = mta_triton.row_segments(torch.tensor(starts), torch.tensor(ends))
@@ -68,22 +70,24 @@ def check_against_reference(
             begins[row, row_begins] = True
         segments = mta_triton.document_segments(begins)
         spans = [list(zip(row, row[1:] + [n])) for row in documents]
-    inputs = [t for t in (q, k, v, theta, mix) if t is not None]
+    weights = {"dtheta": theta, "dmix": mix, "dpremix": premix_weight}
+    inputs = [q, k, v] + [t for t in weights.values() if t is not None]
 
-    out = mta_triton.mta_attention_fused(q, k, v, theta, mix, padding, segments, dropout_p=dropout, dropout_seed=99)
+    out = mta_triton.mta_attention_fused(q, k, v, theta, mix, padding, segments, dropout_p=dropout, dropout_seed=99,
+                                         head_mix_weight=premix_weight)
     grad_out = torch.randn(out.shape, generator=generator, device=DEVICE).to(dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
 
     wide = [t.detach().double().requires_grad_() for t in inputs]
     q64, k64, v64 = wide[:3]
-    theta64 = wide[3] if theta is not None else None
-    mix64 = wide[-1] if mix is not None else None
+    given = iter(wide[3:])
+    theta64, mix64, premix64 = (next(given) if t is not None else None for t in weights.values())
     ref = q64.new_zeros(batch, heads, n, head_dim)
     for row, row_spans in enumerate(spans):
         for begin, end in row_spans:
             part = (slice(row, row + 1), slice(None), slice(begin, end))
             causal = torch.ones(end - begin, end - begin, dtype=torch.bool, device=DEVICE).tril()
-            ref[part], probs = mta_attention(q64[part], k64[part], v64[part], causal, theta64, None, None, mix64,
+            ref[part], probs = mta_attention(q64[part], k64[part], v64[part], causal, theta64, None, premix64, mix64,
                                              key_padding=padding)
             if dropout:  # the reference's maps through the kernel's masks
                 keep = mta_triton.dropout_keep_scale(batch, heads, n, group or 1, dropout, 99, DEVICE)
@@ -92,7 +96,7 @@ def check_against_reference(
     ref_grads = torch.autograd.grad(ref, wide, grad_out.double())
 
     tolerance = TOLERANCE[dtype]
-    names = ["out", "dq", "dk", "dv"] + (["dtheta"] if theta is not None else []) + (["dmix"] if mix is not None else [])
+    names = ["out", "dq", "dk", "dv"] + [name for name, t in weights.items() if t is not None]
     errors = dict(zip(names, [relative_error(out, ref)] + [relative_error(g, r) for g, r in zip(grads, ref_grads)]))
     print(f"relative errors ({dtype}): " + ", ".join(f"{name} {e:.2e}" for name, e in errors.items()))
     assert all(e <= tolerance for e in errors.values()), errors
@@ -166,6 +170,20 @@ def test_wide_head_mixing_groups_match_the_reference(case):
 def test_decoding_with_wide_head_mixing_groups():
     check_decode(heads=8, kv_heads=2, group=8)
     check_decode(heads=6, kv_heads=6, group=6, size=None, new=5)
+
+
+PREMIX_CASES = [
+    dict(size=None, group=None, premix=2, kv_heads=4),  # heads side by side: q and k 2 * d wide
+    dict(size=None, group=None, premix=2),  # GQA 2: the group shares a key head, mixed queries
+    dict(size=None, premix=4, kv_heads=4, group=2),  # and post-softmax mixing after it
+    dict(size=None, group=None, premix=2, kv_heads=4, documents=[[0, 9, 20], [0, 30]]),
+    dict(size=None, group=None, premix=4, kv_heads=2, dropout=0.3),  # two key heads per group of 4
+]
+
+
+@pytest.mark.parametrize("case", PREMIX_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_pre_softmax_head_mixing_matches_the_reference(case):
+    check_against_reference(**{"starts": [0, 5], "ends": [37, 30], **case})
 
 
 DROPOUT_CASES = [
@@ -349,12 +367,21 @@ def test_rows_that_are_all_padding_give_zero_and_no_nan():
 
 def test_coverage_gaps_are_named():
     gap = mta_triton.fused_coverage_gap
-    assert gap(64, (6, 11), "both", False, False, 2) is None
-    assert "post-softmax key-query convolution" in gap(64, (6, 11), "both", True, False, 2)
-    assert "pre-softmax head mixing" in gap(64, None, "both", False, True, None)
-    assert gap(128, (6, 11), "both", False, False, 16) is None
-    assert "9 x 11" in gap(64, (9, 11), "both", False, False, None)
-    assert "head_dim 96" in gap(96, None, "both", False, False, 2)
+    assert gap(64, (6, 11), "both", False, None, 2) is None
+    assert "post-softmax key-query convolution" in gap(64, (6, 11), "both", True, None, 2)
+    assert gap(128, (6, 11), "both", False, None, 16) is None
+    assert "9 x 11" in gap(64, (9, 11), "both", False, None, None)
+    assert "head_dim 96" in gap(96, None, "both", False, None, 2)
+    # Pre-softmax head mixing: without a kq conv, in training and prefill; side by side up to 512 wide, or any
+    # group whose heads share a key head.
+    assert gap(128, None, "both", False, 4, 2) is None
+    assert gap(64, None, "both", False, 16, None, queries_per_key=16) is None
+    assert "groups of 8 at head_dim 128" in gap(128, None, "both", False, 8, None)
+    assert "groups of 3" in gap(64, None, "both", False, 3, None)
+    assert "together with a key-query convolution" in gap(64, (2, 3), "both", False, 2, None)
+    assert gap(64, None, "both", False, 2, None, queries_per_key=2, decoding=True) is None
+    assert "while decoding, in groups whose heads read different key heads" in gap(64, None, "both", False, 2, None,
+                                                                                   decoding=True)
     with pytest.raises(ValueError, match="does not cover"):
         mta_triton.mta_attention_fused(*(torch.randn(1, 2, 4, 16) for _ in range(3)), torch.randn(2, 1, 9, 3))
 
@@ -403,6 +430,19 @@ def test_model_uses_the_kernel_and_matches_the_reference_with_padding(monkeypatc
     calls, outs = fused_calls_logits_and_grads(monkeypatch, (reference, fused), input_ids=ids, attention_mask=mask,
                                                labels=ids.masked_fill(mask == 0, -100))
     assert calls == 3  # one call per layer, all three layers fused
+    assert_same_logits_and_grads(outs, rows=mask.bool())
+
+
+@pytest.mark.parametrize("premix", [2, 4], ids=["shared-key-head", "side-by-side"])
+def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix):
+    # 4 heads on 2 key heads: groups of 2 share a key head (mixed queries), groups of 4 do not (wide heads).
+    reference, fused = model_pair(kq_conv_size=None, head_mix_size=premix, head_mix_post_size=2, group_norm=True)
+    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    calls, outs = fused_calls_logits_and_grads(monkeypatch, (reference, fused), input_ids=ids, attention_mask=mask,
+                                               labels=ids.masked_fill(mask == 0, -100))
+    assert calls == 3
     assert_same_logits_and_grads(outs, rows=mask.bool())
 
 
@@ -607,7 +647,7 @@ def test_an_inductor_compiled_model_trains_and_generates_as_the_eager_one(monkey
 
 
 def check_decode(batch=2, heads=4, kv_heads=2, length=40, new=3, history=None, head_dim=16, size=(3, 5),
-                 padding="both", group=2, starts=(0, 7), dtype=torch.float32, seed=0):
+                 padding="both", group=2, starts=(0, 7), dtype=torch.float32, seed=0, premix=None):
     """The fused decode kernel against the reference on the same rows: `new` query rows at the end of a cache of
     `length` keys, plus `history` earlier query rows (default: the c_q - 1 a convolution reads)."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -620,15 +660,16 @@ def check_decode(batch=2, heads=4, kv_heads=2, length=40, new=3, history=None, h
     q, k, v = rand(batch, heads, rows, head_dim), rand(batch, kv_heads, length, head_dim), rand(batch, kv_heads, length, head_dim)
     theta = rand(heads, 1, *size, spread=1.5 / math.prod(size) ** 0.5) if size else None
     mix = rand(heads // group, group, group, spread=0.7) if group else None
+    premix_weight = rand(heads // premix, premix, premix, spread=0.7) if premix else None
     start = torch.tensor(starts, device=DEVICE)
-    out = mta_triton.mta_decode_fused(q, k, v, theta, mix, padding, start, new)
+    out = mta_triton.mta_decode_fused(q, k, v, theta, mix, padding, start, new, head_mix_weight=premix_weight)
 
     query_pos = torch.arange(length - rows, length, device=DEVICE)
     key_pos = torch.arange(length, device=DEVICE)
     visible = ((key_pos <= query_pos[:, None]) & (key_pos >= start[:, None, None])
                & (query_pos[:, None] >= start[:, None, None]))[:, None]
-    wide = [t.double() if t is not None else None for t in (q, k, v, theta, mix)]
-    ref, _ = mta_attention(*wide[:3], visible, wide[3], None, None, wide[4], key_padding=padding)
+    wide = [t.double() if t is not None else None for t in (q, k, v, theta, mix, premix_weight)]
+    ref, _ = mta_attention(*wide[:3], visible, wide[3], None, wide[5], wide[4], key_padding=padding)
     error = relative_error(out, ref[:, :, -new:])
     print(f"decode relative error ({dtype}): {error:.2e}")
     assert error <= TOLERANCE[dtype], error
@@ -645,6 +686,8 @@ DECODE_CASES = [
     dict(length=5, new=2, history=1),  # early in generation: fewer earlier queries than the kernel reads
     dict(starts=(0, 39)),  # a row whose only real key is the new one
     dict(kv_heads=4),  # no GQA: the group's value heads differ, the kernel mixes them
+    dict(size=None, premix=2),  # pre-softmax head mixing in groups that share a key head: mixed queries
+    dict(size=None, premix=4, kv_heads=1, group=None, new=5),
 ]
 
 
@@ -653,8 +696,10 @@ def test_decoding_matches_the_reference(case):
     check_decode(**case)
 
 
-def test_the_model_decodes_with_the_kernel(monkeypatch):
-    reference, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, group_norm=True)
+@pytest.mark.parametrize("mta", [dict(kq_conv_size=[3, 5]), dict(kq_conv_size=None, head_mix_size=2)],
+                         ids=["kq-conv", "pre-softmax-mixing"])
+def test_the_model_decodes_with_the_kernel(monkeypatch, mta):
+    reference, fused = model_pair(head_mix_post_size=2, group_norm=True, **mta)
     ids = torch.randint(1, 61, (2, 9), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding, as batched generation makes it
@@ -684,6 +729,19 @@ def test_decoding_matches_the_reference_on_gpu_shapes(dtype):
                  dtype=dtype)
     check_decode(heads=8, kv_heads=8, head_dim=128, length=700, new=3, size=(8, 15), group=4, padding="left",
                  dtype=dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_pre_softmax_head_mixing_matches_the_reference_on_gpu_shapes(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    # Side by side: q and k 2 x 128 and 4 x 64 wide; then groups that share a key head (mixed queries).
+    check_against_reference(batch=2, heads=8, kv_heads=8, head_dim=128, n=777, size=None, group=2, premix=2,
+                            dtype=dtype, starts=[0, 37], ends=[777, 700])
+    check_against_reference(batch=1, heads=8, kv_heads=4, head_dim=64, n=640, size=None, group=None, premix=4,
+                            dtype=dtype, dropout=0.1)
+    check_against_reference(batch=1, heads=16, kv_heads=4, head_dim=64, n=1000, size=None, group=2, premix=4,
+                            dtype=dtype)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
