@@ -19,7 +19,7 @@ inside one segment, and needs no mask and no stripe value (most tiles at long N)
 
 Post-softmax head mixing couples the c_h heads of a group: O_e = sum_c W[c, e] P_c V_e. Each source
 head c runs ordinary flash attention against the group's values side by side (c_h * d wide),
-giving Z_c = P_c [V_e]_e; a small epilogue mixes the Z into O. The backward treats Z_c as the
+giving Z_c = P_c [V_e]_e; a small kernel mixes the Z into O. The backward treats Z_c as the
 output of head c and follows flash attention's algebra, with the convolution's chain rule
 through khat (dK side) and the shifted query tiles (dQ side).
 """
@@ -750,6 +750,68 @@ def _mta_bwd_dq_kernel(
 
 
 @triton.jit
+def _mix_tile(ptr, head, rows, col0, N, W: tl.constexpr, D: tl.constexpr):
+    """Columns col0 .. col0 + D - 1 of `rows` of one head of a (B, H, N, W) tensor, in float32 (zero past N)."""
+    cols = col0 + tl.arange(0, D)
+    return tl.load(ptr + (head * N + rows[:, None]) * W + cols[None, :], mask=(rows < N)[:, None], other=0.0).to(
+        tl.float32)
+
+
+@triton.jit
+def _mix_forward_kernel(z_ptr, mix_ptr, out_ptr, N, H, C_H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """O_e = sum_c W[g, c, e] Z_c[e] for a block of rows of one group g; Z_c[e] is column block e of source head c's
+    z, or its only block where z is d wide (W = D)."""
+    pid, bg = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    groups = H // C_H
+    b, g = bg // groups, bg % groups
+    first = b * H + g * C_H
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    for e in range(C_H):
+        acc = tl.zeros([BLOCK, D], dtype=tl.float32)
+        for c in range(C_H):
+            weight = tl.load(mix_ptr + (g * C_H + c) * C_H + e)
+            acc += weight * _mix_tile(z_ptr, first + c, rows, e * D if W > D else 0, N, W, D)
+        tl.store(out_ptr + ((first + e) * N + rows[:, None]) * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows < N)[:, None])
+
+
+@triton.jit
+def _mix_backward_kernel(dout_ptr, z_ptr, mix_ptr, dz_ptr, delta_ptr, dmix_ptr, N, H, C_H: tl.constexpr,
+                         D: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
+    """For a block of rows of one group: dZ_c[e] = W[c, e] dO_e (summed over e where z is d wide), delta_c = the sum
+    of dZ_c * Z_c over the row, as the attention's backward will read them (dZ rounded to its dtype), and this
+    block's share of dW[c, e] = sum Z_c[e] . dO_e, added to dmix (float32)."""
+    pid, bg = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    groups = H // C_H
+    b, g = bg // groups, bg % groups
+    first = b * H + g * C_H
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    for c in range(C_H):
+        delta = tl.zeros([BLOCK], dtype=tl.float32)
+        dz_sum = tl.zeros([BLOCK, D], dtype=tl.float32)  # where z is d wide
+        for e in range(C_H):
+            dout = _mix_tile(dout_ptr, first + e, rows, 0, N, D, D)
+            z = _mix_tile(z_ptr, first + c, rows, e * D if W > D else 0, N, W, D)
+            weight = tl.load(mix_ptr + (g * C_H + c) * C_H + e)
+            tl.atomic_add(dmix_ptr + (g * C_H + c) * C_H + e, tl.sum(tl.sum(z * dout, axis=1), axis=0))
+            if W > D:
+                dz = (weight * dout).to(dz_ptr.dtype.element_ty)
+                tl.store(dz_ptr + ((first + c) * N + rows[:, None]) * W + e * D + d[None, :], dz,
+                         mask=(rows < N)[:, None])
+                delta += tl.sum(dz.to(tl.float32) * z, axis=1)
+            else:
+                dz_sum += weight * dout
+        if W == D:
+            dz = dz_sum.to(dz_ptr.dtype.element_ty)
+            tl.store(dz_ptr + ((first + c) * N + rows[:, None]) * D + d[None, :], dz, mask=(rows < N)[:, None])
+            delta = tl.sum(dz.to(tl.float32) * _mix_tile(z_ptr, first + c, rows, 0, N, W, D), axis=1)
+        tl.store(delta_ptr + (first + c) * N + rows, delta, mask=rows < N)
+
+
+@triton.jit
 def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(2).to(tl.int64) // (H // C_H)
     g = tl.program_id(2) % (H // C_H)
@@ -884,6 +946,9 @@ def value_chunk(c_h: int, head_dim: int) -> int:
 # d = 128 they spilled to the stack (5.8 KB per thread in the band backward; benchmarks/compile_report.py).
 ROW_BLOCK, ROW_KERNEL_WARPS = 64, 8
 
+# Rows per program of the head-mixing kernels (each holds a few (rows x d) float32 tiles).
+MIX_BLOCK = 32
+
 KERNELS = ("fwd", "dkdv", "dq", "dv")
 # Per kernel (of KERNELS), a (BM, BN, num_warps, num_stages) to use instead of `_tiles`' choice:
 # benchmarks set it to compare tilings, tests to run each shape of tiling.
@@ -987,15 +1052,15 @@ def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout
     return z, lse
 
 
-def _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
-    """Gradients of q, k, v (in their dtypes) and of theta (float32; empty without a convolution).
+def _fused_backward(dz, delta, q, k, v, theta, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
+    """Gradients of q, k, v (in their dtypes) and of theta (float32; empty without a convolution), from dZ and delta
+    (per row, the sum of dZ * Z in float32).
 
     Ordered for peak memory: khat (c_q times the keys) lives only through the query-major kernel, and the float32
     dQ is cast down before the key-major kernels (which mix their key tiles themselves) add to dK and dV."""
     batch, heads, n, head_dim = q.shape
     k_heads, v_heads = k.shape[1], v.shape[1]
     run = _Launch(q, v, theta, key_padding, c_h, seg_start, dropout_p)
-    delta = _rowwise_dot(dz, z)
     dz = dz.to(q.dtype).contiguous()
     theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
     khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
@@ -1054,49 +1119,67 @@ _NAMESPACE = "mta_" + re.sub(r"\W", "_", __name__)
 
 @torch.library.custom_op(f"{_NAMESPACE}::attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, key_padding: str, c_h: int,
-    seg_start: torch.Tensor, seg_end: torch.Tensor, dropout_p: float, seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, mix: torch.Tensor | None,
+    key_padding: str, c_h: int, seg_start: torch.Tensor, seg_end: torch.Tensor, dropout_p: float, seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, z, lse). With post-softmax head mixing (`mix`), z is what the kernels made (`_fused_forward`) and
+    the output its mixture; without, the output is z itself and the z returned is empty (an operator's outputs
+    may not alias)."""
     # The kernels pick their own precisions; autocast would recast the few torch operations around them.
     with torch.autocast(q.device.type, enabled=False):
-        return _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed)
+        z, lse = _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed)
+        if mix is None:
+            return z, z.new_empty(0), lse
+        return _mix_forward(z, mix, v.shape[-1]), z, lse
 
 
 @_attention_op.register_fake
-def _(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
-    return q.new_empty(*q.shape[:3], c_h * v.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k, v, theta, mix, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
+    rows = (*q.shape[:3],)
+    z = q.new_empty(*rows, c_h * v.shape[3]) if mix is not None else q.new_empty(0)
+    return q.new_empty(*rows, v.shape[3] if mix is not None else c_h * v.shape[3]), z, q.new_empty(rows,
+                                                                                                   dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
 def _attention_backward_op(
-    dz: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
-    z: torch.Tensor, lse: torch.Tensor, key_padding: str, c_h: int, seg_start: torch.Tensor, seg_end: torch.Tensor,
-    dropout_p: float, seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
+    mix: torch.Tensor | None, z: torch.Tensor, lse: torch.Tensor, key_padding: str, c_h: int, seg_start: torch.Tensor,
+    seg_end: torch.Tensor, dropout_p: float, seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v, theta and mix (the last two empty where absent)."""
     with torch.autocast(q.device.type, enabled=False):
-        return _fused_backward(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed)
+        if mix is None:
+            dz, delta, dmix = dout, _rowwise_dot(dout, z), q.new_empty(0)
+        else:
+            dz, delta, dmix = _mix_backward(dout, z, mix)
+        dq, dk, dv, dtheta = _fused_backward(dz, delta, q, k, v, theta, lse, key_padding, c_h, seg_start, seg_end,
+                                             dropout_p, seed)
+        return dq, dk, dv, dtheta, dmix
 
 
 @_attention_backward_op.register_fake
-def _(dz, q, k, v, theta, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
+def _(dout, q, k, v, theta, mix, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
     # Contiguous, whatever the inputs' strides, as the kernels write them.
     dtheta = theta.new_empty(theta.shape) if theta is not None else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtheta
+    dmix = mix.new_empty(mix.shape) if mix is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtheta, dmix
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed = inputs
-    z, lse = output
-    ctx.save_for_backward(q, k, v, theta, z, lse, seg_start, seg_end, seed)
+    q, k, v, theta, mix, key_padding, c_h, seg_start, seg_end, dropout_p, seed = inputs
+    out, z, lse = output
+    ctx.save_for_backward(q, k, v, theta, mix, out if mix is None else z, lse, seg_start, seg_end, seed)
     ctx.key_padding, ctx.c_h, ctx.dropout_p = key_padding, c_h, dropout_p
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(z, lse)
 
 
-def _attention_backward(ctx, dz, _dlse):
-    q, k, v, theta, z, lse, seg_start, seg_end, seed = ctx.saved_tensors
-    dq, dk, dv, dtheta = _attention_backward_op(dz, q, k, v, theta, z, lse, ctx.key_padding, ctx.c_h, seg_start,
-                                                seg_end, ctx.dropout_p, seed)
-    return dq, dk, dv, dtheta if theta is not None else None, None, None, None, None, None, None
+def _attention_backward(ctx, dout, _dz, _dlse):
+    q, k, v, theta, mix, z, lse, seg_start, seg_end, seed = ctx.saved_tensors
+    dq, dk, dv, dtheta, dmix = _attention_backward_op(dout, q, k, v, theta, mix, z, lse, ctx.key_padding, ctx.c_h,
+                                                      seg_start, seg_end, ctx.dropout_p, seed)
+    return (dq, dk, dv, dtheta if theta is not None else None, dmix if mix is not None else None,
+            None, None, None, None, None, None)
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_save_for_backward)
@@ -1130,57 +1213,31 @@ def _conv_inputs(q, k, theta32, run, seg_start, seg_end):
     return khat, stripe_scores(band, theta32, run.stripe, seg_start).contiguous()
 
 
-def mix_heads(z: torch.Tensor, mix: torch.Tensor, one_value_head: bool = False) -> torch.Tensor:
-    """O_e = sum_c W[g, c, e] Z_c[e]: z (B, H, N, c_h * d) holds, for each source head c, P_c times each group value;
-    with `one_value_head` (the group's value heads are one: `_kernel_group`), z (B, H, N, d) holds P_c V, the same
-    for every e. Computed in float32.
-
-    Under torch.compile, plain operations that autograd differentiates: through `_MixHeads`, an inductor- or
-    aot_eager-compiled model's attention got no gradient on CUDA (cause not found; eager and the CPU are right)."""
-    return _mixed(z, mix, one_value_head) if torch.compiler.is_compiling() else _MixHeads.apply(z, mix, one_value_head)
-
-
-class _MixHeads(torch.autograd.Function):
-    """`mix_heads` with its backward by hand, so that what it keeps for the backward is z as it came (the attention
-    keeps it too: no new memory). Autograd through the float32 product kept a float32 copy of z, twice z's memory
-    and four times the output's with groups of 2, from each layer's forward to its backward. Products and sums
-    rather than einsum: autocast would run an einsum in half precision."""
-
-    @staticmethod
-    def forward(ctx, z, mix, one_value_head):
-        ctx.save_for_backward(z, mix)
-        ctx.one_value_head = one_value_head
-        return _mixed(z, mix, one_value_head)
-
-    @staticmethod
-    def backward(ctx, dout):
-        z, mix = ctx.saved_tensors
-        groups, c_h, _ = mix.shape
-        dout = dout.reshape(dout.shape[0], groups, 1, c_h, *dout.shape[2:]).float()  # (B, G, 1, c_h, N, d)
-        dz = dout * _weights(mix)
-        dz = dz.sum(3) if ctx.one_value_head else dz.permute(0, 1, 2, 4, 3, 5)
-        dmix = (_by_source_and_target(z, mix, ctx.one_value_head).float() * dout).sum((0, 4, 5))
-        return dz.reshape(z.shape).to(z.dtype), dmix.to(mix.dtype), None
-
-
-def _mixed(z, mix, one_value_head):
-    return (_by_source_and_target(z, mix, one_value_head).float() * _weights(mix)).sum(2).reshape(
-        *z.shape[:3], -1).to(z.dtype)
-
-
-def _by_source_and_target(z, mix, one_value_head):
-    """z (B, H, N, width) as (B, G, c, e, N, d): source head c's product with target head e's values (broadcast
-    over e where the group's value heads are one)."""
+def _mix_forward(z: torch.Tensor, mix: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Post-softmax head mixing, O_e = sum_c W[g, c, e] Z_c[e] (B, H, N, d), in float32 and one pass over z. z (B, H,
+    N, c_h * d) holds, for each source head c, P_c times each of its group's values side by side; where it is only
+    d wide (`_kernel_group`: the group's value heads are one), P_c V, the same for every e."""
     batch, heads, n, width = z.shape
     groups, c_h, _ = mix.shape
-    if one_value_head:
-        return z.view(batch, groups, c_h, 1, n, width)
-    return z.view(batch, groups, c_h, n, c_h, width // c_h).transpose(3, 4)
+    out = _output((batch, heads, n, head_dim), z)
+    _mix_forward_kernel[_grid(n, MIX_BLOCK, batch * groups)](
+        z, mix.float().contiguous(), out, n, heads, C_H=c_h, D=head_dim, W=width, BLOCK=MIX_BLOCK)
+    return out
 
 
-def _weights(mix):
-    """W (G, c, e) in float32, broadcast against `_by_source_and_target`."""
-    return mix.float()[None, :, :, :, None, None]
+def _mix_backward(dout: torch.Tensor, z: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """The mixing's backward in one pass over dO and z: dZ (z's shape and dtype), delta (B, H, N) = the sum of
+    dZ * Z per row in float32 (what the attention's backward needs next), and dW (mix's shape and dtype)."""
+    batch, heads, n, head_dim = dout.shape
+    groups, c_h, _ = mix.shape
+    dz = torch.empty(z.shape, device=z.device, dtype=z.dtype)
+    delta = torch.empty(batch, heads, n, device=z.device, dtype=torch.float32)
+    dmix = torch.zeros(mix.shape, device=z.device, dtype=torch.float32)
+    _mix_backward_kernel[_grid(n, MIX_BLOCK, batch * groups)](
+        dout.contiguous(), z, mix.float().contiguous(), dz, delta, dmix, n, heads, C_H=c_h, D=head_dim,
+        W=z.shape[-1], BLOCK=MIX_BLOCK)
+    return dz, delta, dmix.to(mix.dtype)
 
 
 def _premixed(q: torch.Tensor, k: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1202,7 +1259,7 @@ def _premixed(q: torch.Tensor, k: torch.Tensor, mix: torch.Tensor) -> tuple[torc
 def _kernel_group(heads: int, kv_heads: int, c_h: int, dropout_p: float = 0.0) -> int:
     """The group size to run the kernels with. Where each head-mixing group reads one key/value head (GQA groups
     of a multiple of c_h query heads, as in a retrofitted Llama 3) its c_h value heads are one, and P_c [V_e]_e
-    is c_h copies of P_c V: the kernels make P_c V once (1 instead of c_h products; `mix_heads` weighs it per
+    is c_h copies of P_c V: the kernels make P_c V once (1 instead of c_h products; `_mix_forward` weighs it per
     target head). Dropout gives each target head its own mask, so then the copies differ."""
     return 1 if c_h > 1 and not dropout_p and (heads // kv_heads) % c_h == 0 else c_h
 
@@ -1256,8 +1313,9 @@ def mta_attention_fused(
         seed = torch.randint(2**31 - 1, (1,), device=device, dtype=torch.int64)
     else:
         seed = torch.full((1,), dropout_seed or 0, device=device, dtype=torch.int64)
-    z, _ = _attention_op(q, k, v, kq_conv_weight, key_padding, group, seg_start, seg_end, float(dropout_p), seed)
-    return mix_heads(z, head_mix_post_weight, group < c_h) if head_mix_post_weight is not None else z
+    out, _, _ = _attention_op(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, group, seg_start, seg_end,
+                              float(dropout_p), seed)
+    return out
 
 
 
@@ -1289,23 +1347,24 @@ def mta_decode_fused(
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
     group = _kernel_group(heads, k.shape[1], c_h)
     theta = kq_conv_weight if kq_conv_weight is not None else q_rows.new_ones(heads, 1, 1, 1)
-    z = _decode_op(q_rows, k.contiguous(), v.contiguous(), theta, key_padding, group, key_start.to(torch.int32),
-                   new_rows)
-    return mix_heads(z, head_mix_post_weight, group < c_h) if head_mix_post_weight is not None else z
+    return _decode_op(q_rows, k.contiguous(), v.contiguous(), theta, head_mix_post_weight, key_padding, group,
+                      key_start.to(torch.int32), new_rows)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::decode", mutates_args=())
 def _decode_op(
-    q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, key_padding: str, c_h: int,
-    key_start: torch.Tensor, new_rows: int,
+    q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, mix: torch.Tensor | None,
+    key_padding: str, c_h: int, key_start: torch.Tensor, new_rows: int,
 ) -> torch.Tensor:
     with torch.autocast(q_rows.device.type, enabled=False):
-        return _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows)
+        z = _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows)
+        return _mix_forward(z, mix, v.shape[-1]) if mix is not None else z
 
 
 @_decode_op.register_fake
-def _(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
-    return q_rows.new_empty(q_rows.shape[0], q_rows.shape[1], new_rows, c_h * q_rows.shape[3])
+def _(q_rows, k, v, theta, mix, key_padding, c_h, key_start, new_rows):
+    width = v.shape[3] if mix is not None else c_h * v.shape[3]
+    return q_rows.new_empty(q_rows.shape[0], q_rows.shape[1], new_rows, width)
 
 
 def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):

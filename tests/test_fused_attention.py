@@ -308,7 +308,7 @@ def test_groups_that_read_one_value_head_take_it_once(kv_heads, dropout, kernel_
     groups = []
 
     def recording(*args):
-        groups.append(args[5])
+        groups.append(args[6])  # c_h
         return original(*args)
 
     original = mta_triton._attention_op
@@ -317,28 +317,23 @@ def test_groups_that_read_one_value_head_take_it_once(kv_heads, dropout, kernel_
     assert groups == [kernel_group]
 
 
-@pytest.mark.parametrize("one_value_head", [False, True])
-def test_head_mixing_keeps_only_its_inputs_for_the_backward(one_value_head):
-    # Autograd through the float32 product kept a float32 copy of z (twice z's memory) from each layer's forward
-    # to its backward; the mixing keeps z itself, and its gradients are those of the product.
-    groups, c_h, d = 2, 2, 8
-    z = torch.randn(2, groups * c_h, 5, d if one_value_head else c_h * d, dtype=torch.bfloat16, requires_grad=True)
-    mix = torch.randn(groups, c_h, c_h, requires_grad=True)
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["one-value-head", "value-heads-side-by-side"])
+def test_the_mixed_attention_keeps_only_its_inputs_z_and_lse_for_the_backward(kv_heads):
+    # Autograd through a float32 mixing product kept a float32 copy of z (twice z's memory) from each layer's
+    # forward to its backward; the operator keeps z as the kernels wrote it, and mixes in its own kernels.
+    batch, heads, n, d, c_h = 2, 4, 9, 16, 2
+    q, k, v = (torch.randn(batch, h, n, d, dtype=torch.float16, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    mix = torch.randn(heads // c_h, c_h, c_h, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = mta_triton.mix_heads(z, mix, one_value_head)
-    assert sum(t.numel() * t.element_size() for t in saved) == z.numel() * 2 + mix.numel() * 4
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    z64, mix64 = z.detach().double().requires_grad_(), mix.detach().double().requires_grad_()
-    width = z.shape[-1]
-    grouped = z64.view(2, groups, c_h, 5, width) if one_value_head else z64.view(2, groups, c_h, 5, c_h, d)
-    equation = "bgcnd,gce->bgend" if one_value_head else "bgcned,gce->bgend"
-    want = torch.einsum(equation, grouped, mix64).reshape(out.shape)
-    want.backward(dout.double())
-    assert relative_error(out, want) < 1e-2
-    assert relative_error(z.grad, z64.grad) < 1e-2
-    assert relative_error(mix.grad, mix64.grad) < 1e-2
+        mta_triton.mta_attention_fused(q, k, v, None, mix)
+    z_width = d if kv_heads == 2 else c_h * d  # GQA 2: the group's value heads are one, z holds P_c V once
+    expected = {
+        "q, k, v": sum(t.numel() * 2 for t in (q, k, v)), "mix": mix.numel() * 4, "z": batch * heads * n * z_width * 2,
+        "lse": batch * heads * n * 4, "segments": 2 * batch * 4, "seed": 8,
+    }
+    assert sum(t.numel() * t.element_size() for t in saved) == sum(expected.values())
+    assert not any(t.dtype == torch.float32 and t.numel() >= batch * heads * n * d for t in saved)
 
 
 def test_padding_given_per_token():
@@ -592,17 +587,20 @@ def small_inputs(seed=0, heads=4, kv_heads=2, n=21, head_dim=16, size=(3, 5), gr
 def test_the_kernels_are_a_well_formed_custom_op(layout):
     # The model hands the operators q, k, v as (B, N, H, d) tensors transposed to (B, H, N, d); the fake outputs
     # (what torch.compile plans with) must have the real outputs' strides there too: inductor checks them.
-    q, k, v, theta, _ = small_inputs()
+    q, k, v, theta, mix = small_inputs()
     if layout == "heads_second":
         q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     segments = mta_triton.row_segments(torch.tensor([0, 4]), torch.tensor([21, 18]))
     seed = torch.tensor([5], device=DEVICE)
-    forward_args = (q, k, v, theta, "both", 2, *segments, 0.2, seed)
-    torch.library.opcheck(mta_triton._attention_op, forward_args)
-    z, lse = mta_triton._attention_op(*forward_args)
-    q, k, v, theta, z = (t.detach() for t in (q, k, v, theta, z))  # the backward operator is not differentiated
-    torch.library.opcheck(mta_triton._attention_backward_op,
-                          (torch.randn_like(z), q, k, v, theta, z, lse, "both", 2, *segments, 0.2, seed))
+    for weights in (mix, None):  # the output mixed by the operator, or z itself
+        forward_args = (q, k, v, theta, weights, "both", 2, *segments, 0.2, seed)
+        torch.library.opcheck(mta_triton._attention_op, forward_args)
+        out, z, lse = mta_triton._attention_op(*forward_args)
+        saved_z = z if weights is not None else out
+        # The backward operator is not differentiated.
+        detached = [t.detach() if t is not None else None for t in (q, k, v, theta, weights, saved_z)]
+        torch.library.opcheck(mta_triton._attention_backward_op,
+                              (torch.randn_like(out), *detached, lse, "both", 2, *segments, 0.2, seed))
 
 
 def test_torch_compile_takes_the_kernel_whole():
@@ -764,7 +762,9 @@ def test_torch_compile_takes_the_decoding_kernel_whole():
     args = (q, k, v, theta, mix, "both", torch.tensor([0, 6], device=DEVICE), 3)
     compiled = torch.compile(mta_triton.mta_decode_fused, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), mta_triton.mta_decode_fused(*args), rtol=1e-6, atol=1e-6)
-    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, "both", 2, torch.tensor([0, 6], dtype=torch.int32), 3))
+    start = torch.tensor([0, 6], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, mix, "both", 2, start, 3))
+    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, None, "both", 2, start, 3))
 
 
 def test_the_model_trains_with_dropout_on_the_kernel(monkeypatch):
