@@ -83,8 +83,9 @@ def fused_coverage_gap(
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels. Layout: q (B, H, N, d), k and v (B, H_kv, N, d), last dimension contiguous; query head
-# h reads key/value head h // GQA. Token t of row b belongs to the segment [start, end) =
+# Kernels. Layout: q (B, H, N, DQK), k (B, H_k, N, DQK), v (B, H_kv, N, D), last dimension contiguous;
+# query head h reads key head h // GQA_K and value head h // GQA. DQK = D and H_k = H_kv but with
+# pre-softmax head mixing between heads that read different key heads (`_premixed`). Token t of row b belongs to the segment [start, end) =
 # (seg_start[b, t], seg_end[b, t]) and is real iff start <= t < end: a query sees the keys of its
 # segment up to itself, and the convolution reads nothing outside it. A segment is a row's real
 # tokens between left and right padding, or one document of a packed row.

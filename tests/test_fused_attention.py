@@ -178,6 +178,7 @@ PREMIX_CASES = [
     dict(size=None, premix=4, kv_heads=4, group=2),  # and post-softmax mixing after it
     dict(size=None, group=None, premix=2, kv_heads=4, documents=[[0, 9, 20], [0, 30]]),
     dict(size=None, group=None, premix=4, kv_heads=2, dropout=0.3),  # two key heads per group of 4
+    dict(heads=8, kv_heads=8, size=None, group=8, premix=2),  # post-softmax groups in chunks: the dV kernel
 ]
 
 
