@@ -443,6 +443,18 @@ def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix):
     assert_same_logits_and_grads(outs, rows=mask.bool())
 
 
+def test_fused_models_name_the_layers_the_kernels_do_not_cover():
+    ids = torch.randint(1, 61, (1, 9), device=DEVICE)
+    _, fused = model_pair(kq_conv_size=[3, 5], head_mix_size=2)
+    with pytest.raises(ValueError, match="pre-softmax head mixing together with a key-query convolution"):
+        fused(ids)
+    # Groups of 4 on 2 key heads run side by side in training, but not against a cache.
+    _, fused = model_pair(kq_conv_size=None, head_mix_size=4)
+    fused(ids)
+    with pytest.raises(ValueError, match="while decoding, in groups whose heads read different key heads"):
+        fused.generate(ids, max_new_tokens=2, do_sample=False)
+
+
 def test_model_fuses_packed_documents(monkeypatch):
     # What padding-free training feeds the model: documents flattened into one row by transformers' collator.
     reference, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, group_norm=True)
