@@ -85,10 +85,11 @@ def fused_coverage_gap(
 # --------------------------------------------------------------------------------------------
 # Kernels. Layout: q (B, H, N, DQK), k (B, H_k, N, DQK), v (B, H_kv, N, D), last dimension contiguous;
 # query head h reads key head h // GQA_K and value head h // GQA. DQK = D and H_k = H_kv but with
-# pre-softmax head mixing between heads that read different key heads (`_premixed`). Token t of row b belongs to the segment [start, end) =
-# (seg_start[b, t], seg_end[b, t]) and is real iff start <= t < end: a query sees the keys of its
-# segment up to itself, and the convolution reads nothing outside it. A segment is a row's real
-# tokens between left and right padding, or one document of a packed row.
+# pre-softmax head mixing between heads that read different key heads (`_premixed`). Token t of
+# row b belongs to the segment [start, end) = (seg_start[b, t], seg_end[b, t]) and is real iff
+# start <= t < end: a query sees the keys of its segment up to itself, and the convolution reads
+# nothing outside it. A segment is a row's real tokens between left and right padding, or one
+# document of a packed row.
 # Offsets that can exceed 2**31 are built from int64 program ids.
 
 
@@ -759,23 +760,34 @@ def _mix_tile(ptr, head, rows, col0, N, W: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _mix_store(ptr, x, head, rows, col0, N, W: tl.constexpr, D: tl.constexpr):
+    """`_mix_tile`'s inverse: stores x (rows x D) in the tensor's dtype."""
+    cols = col0 + tl.arange(0, D)
+    tl.store(ptr + (head * N + rows[:, None]) * W + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=(rows < N)[:, None])
+
+
+@triton.jit
+def _mix_program(H, C_H: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's group g (axis 1: batch row x group), the flat index of the group's first head, and its rows."""
+    bg = tl.program_id(1).to(tl.int64)
+    groups = H // C_H
+    first = bg // groups * H + bg % groups * C_H
+    return bg % groups, first, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _mix_forward_kernel(z_ptr, mix_ptr, out_ptr, N, H, C_H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
                         BLOCK: tl.constexpr):
     """O_e = sum_c W[g, c, e] Z_c[e] for a block of rows of one group g; Z_c[e] is column block e of source head c's
     z, or its only block where z is d wide (W = D)."""
-    pid, bg = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    groups = H // C_H
-    b, g = bg // groups, bg % groups
-    first = b * H + g * C_H
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, D)
+    g, first, rows = _mix_program(H, C_H, BLOCK)
     for e in range(C_H):
         acc = tl.zeros([BLOCK, D], dtype=tl.float32)
         for c in range(C_H):
             weight = tl.load(mix_ptr + (g * C_H + c) * C_H + e)
             acc += weight * _mix_tile(z_ptr, first + c, rows, e * D if W > D else 0, N, W, D)
-        tl.store(out_ptr + ((first + e) * N + rows[:, None]) * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows < N)[:, None])
+        _mix_store(out_ptr, acc, first + e, rows, 0, N, D, D)
 
 
 @triton.jit
@@ -784,12 +796,7 @@ def _mix_backward_kernel(dout_ptr, z_ptr, mix_ptr, dz_ptr, delta_ptr, dmix_ptr, 
     """For a block of rows of one group: dZ_c[e] = W[c, e] dO_e (summed over e where z is d wide), delta_c = the sum
     of dZ_c * Z_c over the row, as the attention's backward will read them (dZ rounded to its dtype), and this
     block's share of dW[c, e] = sum Z_c[e] . dO_e, added to dmix (float32)."""
-    pid, bg = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    groups = H // C_H
-    b, g = bg // groups, bg % groups
-    first = b * H + g * C_H
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, D)
+    g, first, rows = _mix_program(H, C_H, BLOCK)
     for c in range(C_H):
         delta = tl.zeros([BLOCK], dtype=tl.float32)
         dz_sum = tl.zeros([BLOCK, D], dtype=tl.float32)  # where z is d wide
@@ -800,14 +807,13 @@ def _mix_backward_kernel(dout_ptr, z_ptr, mix_ptr, dz_ptr, delta_ptr, dmix_ptr, 
             tl.atomic_add(dmix_ptr + (g * C_H + c) * C_H + e, tl.sum(tl.sum(z * dout, axis=1), axis=0))
             if W > D:
                 dz = (weight * dout).to(dz_ptr.dtype.element_ty)
-                tl.store(dz_ptr + ((first + c) * N + rows[:, None]) * W + e * D + d[None, :], dz,
-                         mask=(rows < N)[:, None])
+                _mix_store(dz_ptr, dz, first + c, rows, e * D, N, W, D)
                 delta += tl.sum(dz.to(tl.float32) * z, axis=1)
             else:
                 dz_sum += weight * dout
         if W == D:
             dz = dz_sum.to(dz_ptr.dtype.element_ty)
-            tl.store(dz_ptr + ((first + c) * N + rows[:, None]) * D + d[None, :], dz, mask=(rows < N)[:, None])
+            _mix_store(dz_ptr, dz, first + c, rows, 0, N, W, D)
             delta = tl.sum(dz.to(tl.float32) * _mix_tile(z_ptr, first + c, rows, 0, N, W, D), axis=1)
         tl.store(delta_ptr + (first + c) * N + rows, delta, mask=rows < N)
 
@@ -960,8 +966,8 @@ def _tiles(kernel: str, head_dim: int, c_q: int, e: int, chunks: int, element_si
            dropout: bool) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) of one kernel. Half precision: the fastest of a few candidates timed on an
     H200 (benchmarks/sweep_tiles.py; benchmarks/NOTES.md). float32, dropout over several value heads (its 3-D
-    products) and groups in chunks keep small tiles: the c_q query-shift accumulators and the shifted tiles each step loads must fit
-    registers and shared memory (with the large tiles, a group of 16 with dropout asked 295 KB)."""
+    products) and groups in chunks keep small tiles: the c_q query-shift accumulators and the shifted tiles each
+    step loads must fit registers and shared memory (with the large tiles, a group of 16 with dropout asked 295 KB)."""
     if kernel in TILES_OVERRIDE:
         return TILES_OVERRIDE[kernel]
     # Groups in chunks load dZ and V of every chunk at each step of the backward: two stages of those took

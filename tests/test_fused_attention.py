@@ -324,7 +324,8 @@ def test_the_mixed_attention_keeps_only_its_inputs_z_and_lse_for_the_backward(kv
     # Autograd through a float32 mixing product kept a float32 copy of z (twice z's memory) from each layer's
     # forward to its backward; the operator keeps z as the kernels wrote it, and mixes in its own kernels.
     batch, heads, n, d, c_h = 2, 4, 9, 16, 2
-    q, k, v = (torch.randn(batch, h, n, d, dtype=torch.float16, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(batch, h, n, d, dtype=torch.float16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
     mix = torch.randn(heads // c_h, c_h, c_h, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
