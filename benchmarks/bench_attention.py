@@ -6,6 +6,7 @@ For each (heads x head_dim) and sequence length, batch 1, bf16: forward and forw
   mta_kq       fused MTA, a key-query-convolution layer: pre-softmax kq conv 6 x 11 + post-softmax head mix 2
   mta_headmix  fused MTA, a head-mix-only layer: post-softmax head mix 2
   mta_premix   fused MTA, pre-softmax head mix 2 (no kq conv; without GQA its q and k run 2 x d wide)
+  mta_premix_kq  fused MTA, the kq-conv layer with pre-softmax head mix 2 as well (q and k 2 x d wide)
   reference    the reference MTA attention on the kq-conv layer, until it runs out of memory
 Prints a table with ratios to SDPA and writes the rows as JSON.
 
@@ -58,6 +59,7 @@ def implementations(n: int):
         "mta_kq": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, theta, mix),
         "mta_headmix": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, None, mix),
         "mta_premix": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, head_mix_weight=mix),
+        "mta_premix_kq": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, theta, mix, head_mix_weight=mix),
         "reference": reference,
     }
 

@@ -91,6 +91,12 @@ def main():
             decode = dict(C_K=11, PAD=5, STRIPE=10, C_H=2, BM=16, BN=64 if head_dim <= 128 else 32, D=head_dim,
                           DOT_PRECISION="tf32", E=2)
             print(f"d={head_dim:<3} decode 6x11 c_h=2  {report(mt._mta_decode_kernel, decode, 4, 1)}", flush=True)
+    if args.variants:  # the stripe's convolution (no head_dim), one and two source heads per column block
+        for c_p in (1, 2):
+            stripe = dict(C_Q=6, C_K=11, WB=15, STRIPE=10, T_BLOCK=16, BLOCK=mt.STRIPE_BLOCK, PACKED=False, C_P=c_p)
+            print(f"stripe 6x11 C_P={c_p}  fwd {report(mt._stripe_kernel, stripe, 4, 1, 'fp32')}", flush=True)
+            print(f"stripe 6x11 C_P={c_p}  bwd {report(mt._stripe_bwd_kernel, dict(stripe, W_BLOCK=16), 4, 1, 'fp32')}",
+                  flush=True)
 
 
 KERNEL_FUNCTIONS = {"fwd": mt._mta_fwd_kernel, "dkdv": mt._mta_bwd_dkdv_kernel, "dq": mt._mta_bwd_dq_kernel,
@@ -101,7 +107,7 @@ def report_kernel(kernel, head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, fla
     constexprs = dict(dict(HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim, DQK=head_dim,
                            DOT_PRECISION="tf32", PACKED=False, DROPOUT=False, E=e), **flags)
     if kernel in ("dkdv", "dv"):  # the key-major kernels mix their key tiles themselves
-        constexprs.update(C_K=c_k, PAD=pad)
+        constexprs.update(C_K=c_k, PAD=pad, C_P=1)
     extra = "".join(f" {name.lower()}" for name, on in flags.items() if on)
     label = (f"d={head_dim:<3} conv={'6x11' if has_conv else 'none':<4} c_h={c_h:<2} E={e} BM={bm:<3} BN={bn:<3} "
              f"warps={warps} stages={stages}{extra}")

@@ -46,8 +46,9 @@ POISON_OUTPUTS = False
 MAX_QUERY_SIZE = 8
 MAX_KEY_SIZE = 15
 # Pre-softmax head mixing runs as heads c_p * d wide on the score side (`_premixed`); the widest such tile
-# that leaves the kernels room in registers and shared memory.
+# that leaves the kernels room in registers and shared memory, and with a kq conv (c_q query tiles that wide).
 MAX_PREMIXED_WIDTH = 512
+MAX_PREMIXED_CONV_WIDTH = 256
 
 
 def fused_coverage_gap(
@@ -65,14 +66,16 @@ def fused_coverage_gap(
     if has_kq_conv_post:
         return "post-softmax key-query convolution"
     if head_mix_size is not None:
-        if kq_conv_size is not None:
-            return "pre-softmax head mixing together with a key-query convolution"
-        side_by_side = queries_per_key % head_mix_size != 0  # the group's heads read different key heads
+        # Side by side where the group's heads read different key heads, or convolve with kernels of their own.
+        side_by_side = queries_per_key % head_mix_size != 0 or kq_conv_size is not None
         if decoding and side_by_side:
-            return "pre-softmax head mixing while decoding, in groups whose heads read different key heads"
-        if side_by_side and (head_mix_size & (head_mix_size - 1) or head_mix_size * head_dim > MAX_PREMIXED_WIDTH):
+            return ("pre-softmax head mixing while decoding, in groups whose heads read different key heads or "
+                    "together with a key-query convolution")
+        widest = MAX_PREMIXED_WIDTH if kq_conv_size is None else MAX_PREMIXED_CONV_WIDTH
+        if side_by_side and (head_mix_size & (head_mix_size - 1) or head_mix_size * head_dim > widest):
             return (f"pre-softmax head mixing in groups of {head_mix_size} at head_dim {head_dim} (kernel: groups "
-                    f"that share a key head, or group size x head_dim a power of two up to {MAX_PREMIXED_WIDTH})")
+                    f"that share a key head, or group size x head_dim a power of two up to {MAX_PREMIXED_WIDTH}, "
+                    f"{MAX_PREMIXED_CONV_WIDTH} with a key-query convolution)")
     if head_dim not in (16, 32, 64, 128):
         return f"head_dim {head_dim} (kernel: 16, 32, 64, 128)"
     if kq_conv_size is not None:
@@ -129,32 +132,58 @@ def _khat_kernel(
     stride_kb, stride_kh, stride_kn,
     N, H, GQA,
     C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-    PACKED: tl.constexpr,
+    PACKED: tl.constexpr, C_P: tl.constexpr,
 ):
-    """khat[b, h, a, j] = sum_b' theta[h, a, b'] k[j - PAD + b'] (k zero outside j's segment)."""
+    """khat[b, h, a, j] = sum_b' theta[h, a, b'] k[j - PAD + b'] (k zero outside j's segment; theta per column
+    block with C_P > 1, `_theta_columns`)."""
     pid, bh, b, h = _program(H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     cols = tl.arange(0, D)
     k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
     for a in tl.static_range(C_Q):
-        acc = _mixed_keys(k_base, theta_ptr, h, a, rows, rs, re, stride_kn, C_Q, C_K, PAD, D)
+        acc = _mixed_keys(k_base, theta_ptr, h, a, rows, rs, re, stride_kn, C_Q, C_K, PAD, D, C_P)
         out = khat_ptr + ((bh * C_Q + a) * N + rows[:, None]) * D + cols[None, :]
         tl.store(out, acc.to(khat_ptr.dtype.element_ty), mask=(rows < N)[:, None])
 
 
 @triton.jit
 def _mixed_keys(k_base, theta_ptr, h, a, rows, rs, re, stride_kn, C_Q: tl.constexpr, C_K: tl.constexpr,
-                PAD: tl.constexpr, D: tl.constexpr):
-    """khat_a of `rows` in float32: sum_t theta[h, a, t] k[j - PAD + t], k zero outside row j's segment [rs, re)."""
+                PAD: tl.constexpr, D: tl.constexpr, C_P: tl.constexpr):
+    """khat_a of `rows` in float32: sum_t theta[a, t] k[j - PAD + t], k zero outside row j's segment [rs, re),
+    with each column's kernel (`_theta_columns`)."""
     cols = tl.arange(0, D)
     acc = tl.zeros([rows.shape[0], D], dtype=tl.float32)
     for t in tl.static_range(C_K):
         src = rows - PAD + t
         ok = (src >= rs) & (src < re)
         kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.load(theta_ptr + (h * C_Q + a) * C_K + t) * kt.to(tl.float32)
+        acc += _theta_columns(theta_ptr, h, a, t, C_Q, C_K, C_P, D) * kt.to(tl.float32)
     return acc
+
+
+@triton.jit
+def _theta_columns(theta_ptr, h, a, t, C_Q: tl.constexpr, C_K: tl.constexpr, C_P: tl.constexpr, W: tl.constexpr):
+    """theta[source, a, t] for each of a key tile's W columns (a scalar for one source head)."""
+    if C_P == 1:
+        return tl.load(theta_ptr + (h * C_Q + a) * C_K + t)
+    else:
+        source = h // C_P * C_P + tl.arange(0, W) // (W // C_P)
+        return tl.load(theta_ptr + (source * C_Q + a) * C_K + t)[None, :]
+
+
+@triton.jit
+def _add_theta_grad(dtheta_ptr, h, a, t, terms, C_Q: tl.constexpr, C_K: tl.constexpr, C_P: tl.constexpr,
+                    W: tl.constexpr):
+    """Adds the sum of a (rows x W) tile of terms of theta[., a, t]'s gradient to each column block's source head."""
+    if C_P == 1:
+        tl.atomic_add(dtheta_ptr + (h * C_Q + a) * C_K + t, tl.sum(tl.sum(terms, axis=1), axis=0))
+    else:
+        column_sums = tl.sum(terms, axis=0)
+        block = tl.arange(0, W) // (W // C_P)
+        for p in tl.static_range(C_P):
+            tl.atomic_add(dtheta_ptr + ((h // C_P * C_P + p) * C_Q + a) * C_K + t,
+                          tl.sum(tl.where(block == p, column_sums, 0.0), axis=0))
 
 
 @triton.jit
@@ -162,9 +191,11 @@ def _band_scores_kernel(
     q_ptr, k_ptr, band_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     N, H, GQA, scale,
-    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, PACKED: tl.constexpr,
+    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, PACKED: tl.constexpr, C_P: tl.constexpr,
 ):
-    """band[b, h, w, i] = q~[i] . k[i + w - (WB - 1)]: the scores on and just below the diagonal."""
+    """band[b, h, p, w, i] = q~[i] . k[i + w - (WB - 1)] over the p-th of C_P blocks of columns (each source
+    head's share with pre-mixing side by side; all of them for C_P = 1): the scores on and just below the
+    diagonal."""
     pid, bh, b, h = _program(H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
@@ -177,7 +208,10 @@ def _band_scores_kernel(
         src = rows + w - (WB - 1)
         ok = (src >= rs) & (src < re)
         kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
-        tl.store(band_ptr + (bh * WB + w) * N + rows, tl.sum(q * kt.to(tl.float32), axis=1), mask=rows < N)
+        part = tl.sum(tl.reshape(q * kt.to(tl.float32), (BLOCK, C_P, D // C_P)), axis=2)
+        block = tl.arange(0, C_P)
+        tl.store(band_ptr + ((bh * C_P + block[None, :]) * WB + w) * N + rows[:, None], part,
+                 mask=(rows < N)[:, None])
 
 
 @triton.jit
@@ -185,7 +219,7 @@ def _band_scores_bwd_kernel(
     q_ptr, k_ptr, dband_ptr, dq_ptr, dk_ptr, seg_start_ptr, seg_end_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     N, H, H_KV, GQA, scale,
-    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, PACKED: tl.constexpr,
+    WB: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, PACKED: tl.constexpr, C_P: tl.constexpr,
 ):
     """Adds the band scores' gradients to dq (B, H, N, d) and dk (B, H_kv, N, d), both float32."""
     pid, bh, b, h = _program(H)
@@ -204,17 +238,99 @@ def _band_scores_bwd_kernel(
         src = rows + delta
         ok = (src >= rs) & (src < re)
         kt = tl.load(k_base + src[:, None] * stride_kn + cols[None, :], mask=ok[:, None], other=0.0)
-        g = tl.load(dband_ptr + (bh * WB + w) * N + rows, mask=row_ok, other=0.0)
-        dq += g[:, None] * kt.to(tl.float32)
+        dq += _band_grad(dband_ptr, bh, w, rows, row_ok, N, WB, C_P, D) * kt.to(tl.float32)
         # dk[j] += dband[w, j - delta] q~[j - delta]: query j - delta of j's segment
         src = rows - delta
         ok = (src >= rs) & (src < re)
         qt = tl.load(q_base + src[:, None] * stride_qn + cols[None, :], mask=ok[:, None], other=0.0)
-        g = tl.load(dband_ptr + (bh * WB + w) * N + src, mask=ok, other=0.0)
-        dk += g[:, None] * (qt.to(tl.float32) * scale)
+        dk += _band_grad(dband_ptr, bh, w, src, ok, N, WB, C_P, D) * (qt.to(tl.float32) * scale)
     out = (rows[:, None] * D + cols[None, :])
     tl.atomic_add(dq_ptr + bh * N * D + out, dq * scale, mask=row_ok[:, None])
     tl.atomic_add(dk_ptr + (b * H_KV + kvh) * N * D + out, dk, mask=row_ok[:, None])
+
+
+@triton.jit
+def _band_grad(dband_ptr, bh, w, rows, ok, N, WB: tl.constexpr, C_P: tl.constexpr, D: tl.constexpr):
+    """The gradient of band row w at `rows`, for each column of a (rows x D) tile: its column block's."""
+    if C_P == 1:
+        return tl.load(dband_ptr + (bh * WB + w) * N + rows, mask=ok, other=0.0)[:, None]
+    else:
+        block = tl.arange(0, D) // (D // C_P)
+        return tl.load(dband_ptr + ((bh * C_P + block[None, :]) * WB + w) * N + rows[:, None], mask=ok[:, None],
+                       other=0.0)
+
+
+@triton.jit
+def _stripe_kernel(
+    band_ptr, theta_ptr, cband_ptr, seg_start_ptr, N, H,
+    C_Q: tl.constexpr, C_K: tl.constexpr, WB: tl.constexpr, STRIPE: tl.constexpr, T_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PACKED: tl.constexpr, C_P: tl.constexpr,
+):
+    """cband[b, h, t, i] = C[i, i - STRIPE + 1 + t]. Row w of the band holds S[i', i' + w - (WB - 1)], so the
+    window of stripe entry (t, i) at kernel tap (a, c) reads band row t + c + s of column i - s, s = C_Q - 1 - a;
+    rows from WB on lie above the diagonal (zero), and so does a query before the start of i's segment. With
+    C_P column blocks (pre-mixing side by side) each block's band meets its source head's kernel."""
+    pid, bh, b, h = _program(H)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    t = tl.arange(0, T_BLOCK)
+    rs, _ = _segments(seg_start_ptr, seg_start_ptr, b, rows, N, PACKED)
+    acc = tl.zeros([T_BLOCK, BLOCK], dtype=tl.float32)
+    for p in tl.static_range(C_P):
+        for a in tl.static_range(C_Q):
+            src, keep = _stripe_source(rows, rs, N, C_Q - 1 - a)
+            for c in range(C_K):
+                w = t + c + (C_Q - 1 - a)
+                tile = tl.load(band_ptr + ((bh * C_P + p) * WB + w[:, None]) * N + src[None, :],
+                               mask=((w < WB) & (t < STRIPE))[:, None] & keep[None, :], other=0.0)
+                acc += tl.load(theta_ptr + ((h // C_P * C_P + p) * C_Q + a) * C_K + c) * tile
+    tl.store(cband_ptr + (bh * STRIPE + t[:, None]) * N + rows[None, :], acc,
+             mask=(t < STRIPE)[:, None] & (rows < N)[None, :])
+
+
+@triton.jit
+def _stripe_source(rows, rs, N, s):
+    """The band column that stripe column i reads at query shift s, and whether that query counts (it lies in i's
+    segment and in the row)."""
+    src = rows - s
+    return src, (src >= rs) & (src >= 0) & (rows < N)
+
+
+@triton.jit
+def _stripe_bwd_kernel(
+    band_ptr, theta_ptr, dcband_ptr, dband_ptr, dtheta_ptr, seg_start_ptr, N, H,
+    C_Q: tl.constexpr, C_K: tl.constexpr, WB: tl.constexpr, STRIPE: tl.constexpr, T_BLOCK: tl.constexpr,
+    W_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PACKED: tl.constexpr, C_P: tl.constexpr,
+):
+    """`_stripe_kernel`'s backward for one block of columns: dband of these band columns (each receives from the
+    stripe columns i' + s), and theta's gradient from these stripe columns (float32 atomics)."""
+    pid, bh, b, h = _program(H)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    t = tl.arange(0, T_BLOCK)
+    w = tl.arange(0, W_BLOCK)
+    rs, _ = _segments(seg_start_ptr, seg_start_ptr, b, rows, N, PACKED)
+    g = tl.load(dcband_ptr + (bh * STRIPE + t[:, None]) * N + rows[None, :],
+                mask=(t < STRIPE)[:, None] & (rows < N)[None, :], other=0.0)
+    for p in tl.static_range(C_P):
+        source = h // C_P * C_P + p
+        dband = tl.zeros([W_BLOCK, BLOCK], dtype=tl.float32)
+        for a in tl.static_range(C_Q):
+            s = C_Q - 1 - a
+            src, keep = _stripe_source(rows, rs, N, s)
+            # Band column i' feeds stripe column i' + s where the query i' lies in that column's segment.
+            dst = rows + s
+            dst_start, _ = _segments(seg_start_ptr, seg_start_ptr, b, dst, N, PACKED)
+            _, feeds = _stripe_source(dst, dst_start, N, s)
+            for c in range(C_K):
+                theta = tl.load(theta_ptr + (source * C_Q + a) * C_K + c)
+                tile = tl.load(band_ptr + ((bh * C_P + p) * WB + (t + c + s)[:, None]) * N + src[None, :],
+                               mask=((t + c + s < WB) & (t < STRIPE))[:, None] & keep[None, :], other=0.0)
+                tl.atomic_add(dtheta_ptr + (source * C_Q + a) * C_K + c, tl.sum(tl.sum(g * tile, axis=1), axis=0))
+                u = w - c - s
+                dg = tl.load(dcband_ptr + (bh * STRIPE + u[:, None]) * N + dst[None, :],
+                             mask=((u >= 0) & (u < STRIPE) & (w < WB))[:, None] & feeds[None, :], other=0.0)
+                dband += theta * dg
+        tl.store(dband_ptr + ((bh * C_P + p) * WB + w[:, None]) * N + rows[None, :], dband,
+                 mask=(w < WB)[:, None] & (rows < N)[None, :])
 
 
 @triton.jit
@@ -247,14 +363,14 @@ def _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV: tl.constexpr, C_
 
 @triton.jit
 def _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV: tl.constexpr, C_Q: tl.constexpr,
-                   C_K: tl.constexpr, PAD: tl.constexpr, D: tl.constexpr):
+                   C_K: tl.constexpr, PAD: tl.constexpr, D: tl.constexpr, C_P: tl.constexpr):
     """`_key_tiles` for the key-major kernels, which load them once per program: with the convolution they mix
     khat_a from the keys themselves (bit for bit the values `_khat_kernel` stores), so that the backward's khat
     (c_q times the keys' memory) is gone before those kernels run."""
     if HAS_CONV:
         tiles = ()
         for a in tl.static_range(C_Q):
-            acc = _mixed_keys(k_base, theta_ptr, h, a, cols, cs, ce, stride_kn, C_Q, C_K, PAD, D)
+            acc = _mixed_keys(k_base, theta_ptr, h, a, cols, cs, ce, stride_kn, C_Q, C_K, PAD, D, C_P)
             tiles = tiles + (tl.where((cols < N)[:, None], acc, 0.0).to(k_base.dtype.element_ty),)
         return tiles
     else:
@@ -549,7 +665,7 @@ def _mta_bwd_dkdv_kernel(
     N, H, H_K, H_KV, GQA_K, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
     C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, C_P: tl.constexpr,
 ):
     """One key block of one source head: gradients of k and theta, and of the group's values when they fit
     side by side (E = C_H; else `_mta_bwd_dv_kernel` makes those)."""
@@ -563,7 +679,7 @@ def _mta_bwd_dkdv_kernel(
     k_base = k_ptr + b * stride_kb + kh * stride_kh
     cband_base = cband_ptr + bh * STRIPE * N
     first = h // C_H * C_H
-    ks = _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV, C_Q, C_K, PAD, DQK)
+    ks = _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV, C_Q, C_K, PAD, DQK, C_P)
     values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D) if E == C_H else 0.0
     dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
     dks = ()  # d C / d khat_a for each query shift a; without the convolution (C_Q = 1) d C / d k
@@ -596,9 +712,9 @@ def _mta_bwd_dkdv_kernel(
             kt = tl.load(k_base + dst[:, None] * stride_kn + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             dk_t = tl.zeros([BN, DQK], dtype=tl.float32)
             for a in tl.static_range(C_Q):
-                dk_t += tl.load(theta_ptr + (h * C_Q + a) * C_K + t) * dks[a]
-                dth = tl.sum(tl.sum(tl.where(col_ok[:, None], dks[a], 0.0) * kt, axis=1), axis=0)
-                tl.atomic_add(dtheta_ptr + (h * C_Q + a) * C_K + t, dth * scale)
+                dk_t += _theta_columns(theta_ptr, h, a, t, C_Q, C_K, C_P, DQK) * dks[a]
+                _add_theta_grad(dtheta_ptr, h, a, t, tl.where(col_ok[:, None], dks[a], 0.0) * kt * scale, C_Q, C_K,
+                                C_P, DQK)
             tl.atomic_add(dk_base + dst[:, None] * DQK + d[None, :], dk_t * scale, mask=ok[:, None])
     else:
         tl.atomic_add(dk_base + cols[:, None] * DQK + d[None, :], dks[0] * scale, mask=col_ok[:, None])
@@ -640,7 +756,7 @@ def _mta_bwd_dv_kernel(
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
     C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, C_P: tl.constexpr,
 ):
     """For groups too wide to hold side by side: one key block of one source head, the gradients of one
     chunk of E of its group's values (P^T dZ_e, P recomputed)."""
@@ -653,7 +769,7 @@ def _mta_bwd_dv_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh
     cband_base = cband_ptr + bh * STRIPE * N
     ks = _own_key_tiles(k_ptr + b * stride_kb + (h // GQA_K) * stride_kh, theta_ptr, h, cols, cs, ce, stride_kn, N,
-                        HAS_CONV, C_Q, C_K, PAD, DQK)
+                        HAS_CONV, C_Q, C_K, PAD, DQK, C_P)
     dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
     lo = (pid * BN) // BM * BM
     hi = tl.max(tl.where(col_ok, ce, 0), axis=0)
@@ -885,48 +1001,29 @@ def _mta_decode_kernel(
 # Host side.
 
 
-def stripe_scores(band: torch.Tensor, theta: torch.Tensor, stripe: int, seg_start: torch.Tensor) -> torch.Tensor:
-    """Exact convolved scores C[i, i - stripe + 1 + t] for t < stripe, from the band scores: (B, H, stripe, N).
-
-    Row w of the band holds S[i', i' + w - (W - 1)], W = c_q + c_k - 2 (row W - 1 is the diagonal). The
-    window of stripe entry (t, i) at kernel tap (a, b) reads query i - s, s = c_q - 1 - a, and key
-    i - stripe + 1 + t - p + b: band row t + b + s of column i - s. Rows from W on lie above the diagonal
-    and count as zero, and so does a query before the start of i's segment (an earlier document's).
-    """
-    scores = 0
-    for shift, theta_a, keep in _stripe_taps(band, theta, stripe, seg_start):
-        scores = scores + F.conv2d(shift(band) * keep, theta_a, groups=band.shape[1])
-    return scores
-
-
-def stripe_scores_backward(band, theta, stripe, seg_start, dscores) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of `stripe_scores` with respect to the band and theta (in the band's dtype), by hand: the
-    kernels' backward runs as an operator of its own, where autograd does not record."""
-    dband = torch.zeros_like(band)
-    dtheta = torch.zeros(theta.shape, device=band.device, dtype=band.dtype)
-    for a, (shift, theta_a, keep) in enumerate(_stripe_taps(band, theta, stripe, seg_start)):
-        shifted = shift(band) * keep
-        dtheta[:, :, a] = torch.nn.grad.conv2d_weight(shifted, theta_a.shape, dscores, groups=band.shape[1])[..., 0]
-        dshifted = torch.nn.grad.conv2d_input(shifted.shape, theta_a, dscores, groups=band.shape[1]) * keep
-        dband += shift(dshifted, back=True)
-    return dband, dtheta
+def stripe_scores(band: torch.Tensor, theta32: torch.Tensor, stripe: int, seg_start: torch.Tensor) -> torch.Tensor:
+    """Exact convolved scores C[i, i - stripe + 1 + t] for t < stripe, from the band scores (B, H, C_P, c_q + c_k
+    - 2, N): (B, H, stripe, N), float32 (`_stripe_kernel`). theta32 (H, 1, c_q, c_k) float32; seg_start (B, N) or
+    (B, 1) int32."""
+    batch, heads, c_p, width, n = band.shape
+    c_q, c_k = theta32.shape[-2:]
+    cband = _output((batch, heads, stripe, n), band, torch.float32)
+    _stripe_kernel[_grid(n, STRIPE_BLOCK, batch * heads)](
+        band.contiguous(), theta32, cband, seg_start, n, heads, C_Q=c_q, C_K=c_k, WB=width, STRIPE=stripe,
+        T_BLOCK=triton.next_power_of_2(stripe), BLOCK=STRIPE_BLOCK, PACKED=seg_start.shape[-1] > 1, C_P=c_p)
+    return cband
 
 
-def _stripe_taps(band, theta, stripe, seg_start):
-    """Per query shift a of the kernel: the move of the band that lines its rows and columns up with the
-    stripe's (band row t + b + s of column i - s to row t + b of column i, s = c_q - 1 - a; `back=True`
-    undoes it), theta's row a as a (c_k x 1) convolution, and which stripe columns the shift keeps."""
-    c_q, c_k = theta.shape[-2:]
-    width, n = band.shape[-2:]
-    positions = torch.arange(n, device=band.device)
-    for a in range(c_q):
-        s = c_q - 1 - a
-        pads = (s, -s, -s, stripe + c_k - 1 - width + s)
-
-        def shift(x, back=False, pads=pads):
-            return F.pad(x, tuple(-p for p in pads) if back else pads)
-
-        yield shift, theta[:, :, a, :, None].to(band.dtype), (positions - s >= seg_start)[:, None, None, :]
+def stripe_scores_backward(band, theta32, stripe, seg_start, dscores, dtheta) -> torch.Tensor:
+    """The gradient of `stripe_scores` with respect to the band (float32); adds theta's to dtheta (float32)."""
+    batch, heads, c_p, width, n = band.shape
+    c_q, c_k = theta32.shape[-2:]
+    dband = _output(band.shape, band, torch.float32)
+    _stripe_bwd_kernel[_grid(n, STRIPE_BLOCK, batch * heads)](
+        band, theta32, dscores.contiguous(), dband, dtheta, seg_start, n, heads, C_Q=c_q, C_K=c_k, WB=width,
+        STRIPE=stripe, T_BLOCK=triton.next_power_of_2(stripe), W_BLOCK=triton.next_power_of_2(width),
+        BLOCK=STRIPE_BLOCK, PACKED=seg_start.shape[-1] > 1, C_P=c_p)
+    return dband
 
 
 def _output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -952,6 +1049,8 @@ def value_chunk(c_h: int, head_dim: int) -> int:
 # The row kernels (khat, band scores and their backward) hold (ROW_BLOCK x d) float32 tiles: with 4 warps at
 # d = 128 they spilled to the stack (5.8 KB per thread in the band backward; benchmarks/compile_report.py).
 ROW_BLOCK, ROW_KERNEL_WARPS = 64, 8
+# Columns per program of the stripe kernels (each holds a few (stripe x columns) float32 tiles).
+STRIPE_BLOCK = 64
 
 # Rows per program of the head-mixing kernels (each holds a few (rows x d) float32 tiles).
 MIX_BLOCK = 32
@@ -975,6 +1074,8 @@ def _tiles(kernel: str, head_dim: int, c_q: int, e: int, chunks: int, element_si
     stages = 1 if chunks > 1 and kernel in ("dkdv", "dq") else 2
     large = element_size == 2 and chunks == 1 and (not dropout or e == 1)
     if large and c_q > 1 and e * head_dim <= 256:  # (no dV kernel: that is for groups in chunks)
+        if head_dim == 128 and c_q <= 2 and e == 1:  # two query shifts leave room for larger query blocks
+            return dict(fwd=(128, 64, 8, 1), dkdv=(64, 32, 4, 1), dq=(64, 32, 4, 1))[kernel]
         if head_dim <= 64 and e * head_dim <= 128:
             return dict(fwd=(64, 64, 4, 2), dkdv=(64, 32, 4, 2), dq=(32, 64, 4, 2))[kernel]
         if head_dim == 128:
@@ -1021,6 +1122,9 @@ class _Launch:
         self.c_q, self.c_k = theta.shape[-2:] if self.has_conv else (1, 1)
         self.pad = key_padding_left(key_padding, self.c_k) if self.has_conv else 0
         self.stripe = (self.c_q - 1) + (self.c_k - 1 - self.pad) if self.has_conv else 0
+        # With pre-softmax head mixing side by side, the keys' column blocks are c_p source heads with kernels of
+        # their own.
+        self.c_p = q.shape[-1] // v.shape[-1] if self.has_conv else 1
         self.c_h = c_h
         self.e = value_chunk(c_h, v.shape[-1])
         self.chunks = c_h // self.e
@@ -1080,20 +1184,20 @@ def _fused_backward(dz, delta, q, k, v, theta, lse, key_padding, c_h, seg_start,
     dk = torch.zeros(batch, k_heads, n, head_dim, device=q.device, dtype=torch.float32)
     dtheta = torch.zeros_like(theta32)
     if run.has_conv and run.stripe > 0:
-        band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
-        dband, dtheta_band = stripe_scores_backward(band, theta32, run.stripe, seg_start, dcband)
-        dtheta += dtheta_band
+        # Made again rather than kept: held through the dQ kernel, it would add to the backward's peak.
+        band = _band(q, k, run, seg_start, seg_end)
+        dband = stripe_scores_backward(band, theta32, run.stripe, seg_start, dcband, dtheta)
         _band_scores_bwd_kernel[_grid(n, ROW_BLOCK, batch * heads)](
-            q, k, dband.contiguous(), dq, dk, seg_start, seg_end,
+            q, k, dband, dq, dk, seg_start, seg_end,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             n, heads, k_heads, heads // k_heads, run.scale,
-            WB=run.c_q + run.c_k - 2, BLOCK=ROW_BLOCK, D=head_dim, PACKED=run.constants["PACKED"],
+            WB=run.c_q + run.c_k - 2, BLOCK=ROW_BLOCK, D=head_dim, PACKED=run.constants["PACKED"], C_P=run.c_p,
             num_warps=ROW_KERNEL_WARPS,
         )
         del band, dband
     dq = dq.to(q.dtype)
     dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
-    key_constants = dict(run.constants, C_K=run.c_k, PAD=run.pad)
+    key_constants = dict(run.constants, C_K=run.c_k, PAD=run.pad, C_P=run.c_p)
     _launch(_mta_bwd_dkdv_kernel, lambda bm, bn: _grid(n, bn, batch * heads),
             (q, k, v, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, seed, *_strides(q, k, v),
              n, heads, k_heads, v_heads, heads // k_heads, heads // v_heads, run.scale, dropout_p),
@@ -1192,13 +1296,15 @@ def _attention_backward(ctx, dout, _dz, _dlse):
 _attention_op.register_autograd(_attention_backward, setup_context=_save_for_backward)
 
 
-def _band_scores(q, k, seg_start, seg_end, width, scale):
+def _band(q, k, run, seg_start, seg_end):
+    """The band scores (B, H, C_P, c_q + c_k - 2, N) that the stripe is convolved from (`_band_scores_kernel`)."""
     batch, heads, n, head_dim = q.shape
-    band = _output((batch, heads, width, n), q, torch.float32)
+    width = run.c_q + run.c_k - 2
+    band = _output((batch, heads, run.c_p, width, n), q, torch.float32)
     _band_scores_kernel[_grid(n, ROW_BLOCK, batch * heads)](
         q, k, band, seg_start, seg_end, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        n, heads, heads // k.shape[1], scale, WB=width, BLOCK=ROW_BLOCK, D=head_dim, PACKED=seg_start.shape[-1] > 1,
-        num_warps=ROW_KERNEL_WARPS,
+        n, heads, heads // k.shape[1], run.scale, WB=width, BLOCK=ROW_BLOCK, D=head_dim,
+        PACKED=run.constants["PACKED"], C_P=run.c_p, num_warps=ROW_KERNEL_WARPS,
     )
     return band
 
@@ -1206,18 +1312,18 @@ def _band_scores(q, k, seg_start, seg_end, width, scale):
 def _conv_inputs(q, k, theta32, run, seg_start, seg_end):
     """khat (B, H, c_q, N, d) and the exact stripe scores (B, H, stripe, N); placeholders without a convolution."""
     batch, heads, n, head_dim = q.shape
+    none = q.new_zeros(1, dtype=torch.float32)
     if not run.has_conv:
-        return q.new_zeros(1), q.new_zeros(1, dtype=torch.float32)
+        return q.new_zeros(1), none
     khat = _output((batch, heads, run.c_q, n, head_dim), q)
     _khat_kernel[_grid(n, ROW_BLOCK, batch * heads)](
         k, theta32, khat, seg_start, seg_end, k.stride(0), k.stride(1), k.stride(2),
         n, heads, heads // k.shape[1], C_Q=run.c_q, C_K=run.c_k, PAD=run.pad, BLOCK=ROW_BLOCK, D=head_dim,
-        PACKED=run.constants["PACKED"], num_warps=ROW_KERNEL_WARPS,
+        PACKED=run.constants["PACKED"], C_P=run.c_p, num_warps=ROW_KERNEL_WARPS,
     )
     if run.stripe == 0:
-        return khat, q.new_zeros(1, dtype=torch.float32)
-    band = _band_scores(q, k, seg_start, seg_end, run.c_q + run.c_k - 2, run.scale)
-    return khat, stripe_scores(band, theta32, run.stripe, seg_start).contiguous()
+        return khat, none
+    return khat, stripe_scores(_band(q, k, run, seg_start, seg_end), theta32, run.stripe, seg_start)
 
 
 def _mix_forward(z: torch.Tensor, mix: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -1247,16 +1353,18 @@ def _mix_backward(dout: torch.Tensor, z: torch.Tensor, mix: torch.Tensor) -> tup
     return dz, delta, dmix.to(mix.dtype)
 
 
-def _premixed(q: torch.Tensor, k: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _premixed(q: torch.Tensor, k: torch.Tensor, mix: torch.Tensor, convolved: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys whose plain scores are the pre-softmax-mixed ones: S'_e = sum_c W[c, e] q_c . k_c over the
     c_p heads c of e's group. Where the group's heads read one key head (GQA), that is (sum_c W[c, e] q_c) . k:
-    mixed queries, the keys as they are. Else the group's heads side by side, c_p * d wide: Q_e = [W[c, e] q_c]_c
-    against one key head per group K_g = [k_c]_c. Autograd takes the kernels' gradients of these back to q, k and
-    the weights."""
+    mixed queries, the keys as they are. Else, and where each source head's scores are `convolved` with a kernel of
+    its own first (the kernels then give each column block its source head's kernel), the group's heads side by
+    side, c_p * d wide: Q_e = [W[c, e] q_c]_c against one key head per group K_g = [k_c]_c. Autograd takes the
+    kernels' gradients of these back to q, k and the weights."""
     batch, heads, n, head_dim = q.shape
     groups, c_p, _ = mix.shape
     by_source = q.view(batch, groups, c_p, 1, n, head_dim) * mix.to(q.dtype)[None, :, :, :, None, None]  # (c, e)
-    if (heads // k.shape[1]) % c_p == 0:
+    if (heads // k.shape[1]) % c_p == 0 and not convolved:
         return by_source.sum(2).reshape(q.shape), k
     keys = k.repeat_interleave(heads // k.shape[1], dim=1).view(batch, groups, c_p, n, head_dim)
     wide_q = by_source.permute(0, 1, 3, 4, 2, 5).reshape(batch, heads, n, c_p * head_dim)
@@ -1291,7 +1399,7 @@ def mta_attention_fused(
     (B, 1) tensors, one span per row, its real tokens between padding (`row_segments`). Default: whole rows.
     Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15), post-softmax head mixing in groups of any size
     (all heads included; beyond 4 the group's value heads are taken `value_chunk` at a time), and pre-softmax
-    head mixing (`head_mix_weight`, (H / c_p, c_p, c_p)) in layers without a kq conv (`_premixed`).
+    head mixing (`head_mix_weight`, (H / c_p, c_p, c_p)), with or without a kq conv (`_premixed`).
     `dropout_p` drops entries of the final attention maps (after head mixing) as the reference does in
     training; the masks follow from `dropout_seed` (`dropout_keep_scale` makes them), by default drawn
     from torch's generator.
@@ -1314,7 +1422,7 @@ def mta_attention_fused(
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
     group = _kernel_group(heads, k.shape[1], c_h, dropout_p)
     if head_mix_weight is not None:
-        q, k = _premixed(q, k, head_mix_weight)
+        q, k = _premixed(q, k, head_mix_weight, convolved=kq_conv_weight is not None)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if dropout_p and dropout_seed is None:
         seed = torch.randint(2**31 - 1, (1,), device=device, dtype=torch.int64)
@@ -1392,7 +1500,8 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
         width = c_q + c_k - 2
         band = _decode_band(q_real, k, key_start, first, width)
         # The stripe of a new row reads band columns up to c_q - 1 rows back, all inside q_rows.
-        cband = stripe_scores(band, theta.float(), stripe, (key_start.long() - first)[:, None])
+        cband = stripe_scores(band[:, :, None], theta.float().contiguous(), stripe,
+                              (key_start - first).to(torch.int32)[:, None].contiguous())
         cband = cband[..., rows - new_rows:].contiguous()
     z = _output((batch, heads, new_rows, c_h * head_dim), q_rows)
     e = value_chunk(c_h, head_dim)

@@ -179,6 +179,12 @@ PREMIX_CASES = [
     dict(size=None, group=None, premix=2, kv_heads=4, documents=[[0, 9, 20], [0, 30]]),
     dict(size=None, group=None, premix=4, kv_heads=2, dropout=0.3),  # two key heads per group of 4
     dict(heads=8, kv_heads=8, size=None, group=8, premix=2),  # post-softmax groups in chunks: the dV kernel
+    # With a kq conv, side by side always (each source head its own kernel): GQA 2 shares the key head here,
+    # then post-softmax mixing, packed documents with "left" padding, and groups of 4 on "right".
+    dict(premix=2, group=None),
+    dict(premix=2, kv_heads=4, group=2, size=(2, 3)),
+    dict(premix=2, kv_heads=4, group=None, padding="left", documents=[[0, 9, 20], [0, 30]]),
+    dict(premix=4, kv_heads=4, group=None, size=(3, 3), padding="right"),
 ]
 
 
@@ -370,14 +376,17 @@ def test_coverage_gaps_are_named():
     assert gap(128, (6, 11), "both", False, None, 16) is None
     assert "9 x 11" in gap(64, (9, 11), "both", False, None, None)
     assert "head_dim 96" in gap(96, None, "both", False, None, 2)
-    # Pre-softmax head mixing: without a kq conv, in training and prefill; side by side up to 512 wide, or any
-    # group whose heads share a key head.
+    # Pre-softmax head mixing in training and prefill: side by side up to 512 wide (256 with a kq conv, whose
+    # heads always run side by side), or any group whose heads share a key head.
     assert gap(128, None, "both", False, 4, 2) is None
     assert gap(64, None, "both", False, 16, None, queries_per_key=16) is None
     assert "groups of 8 at head_dim 128" in gap(128, None, "both", False, 8, None)
     assert "groups of 3" in gap(64, None, "both", False, 3, None)
-    assert "together with a key-query convolution" in gap(64, (2, 3), "both", False, 2, None)
+    assert gap(128, (6, 11), "both", False, 2, 2, queries_per_key=2) is None
+    assert "groups of 4 at head_dim 128" in gap(128, (6, 11), "both", False, 4, 2, queries_per_key=4)
     assert gap(64, None, "both", False, 2, None, queries_per_key=2, decoding=True) is None
+    assert "together with a key-query convolution" in gap(64, (2, 3), "both", False, 2, None, queries_per_key=2,
+                                                          decoding=True)
     assert "while decoding, in groups whose heads read different key heads" in gap(64, None, "both", False, 2, None,
                                                                                    decoding=True)
     with pytest.raises(ValueError, match="does not cover"):
@@ -431,10 +440,13 @@ def test_model_uses_the_kernel_and_matches_the_reference_with_padding(monkeypatc
     assert_same_logits_and_grads(outs, rows=mask.bool())
 
 
-@pytest.mark.parametrize("premix", [2, 4], ids=["shared-key-head", "side-by-side"])
-def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix):
-    # 4 heads on 2 key heads: groups of 2 share a key head (mixed queries), groups of 4 do not (wide heads).
-    reference, fused = model_pair(kq_conv_size=None, head_mix_size=premix, head_mix_post_size=2, group_norm=True)
+@pytest.mark.parametrize("premix, kq_conv_size", [(2, None), (4, None), (2, [3, 5])],
+                         ids=["shared-key-head", "side-by-side", "with-kq-conv"])
+def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix, kq_conv_size):
+    # 4 heads on 2 key heads: groups of 2 share a key head (mixed queries), groups of 4 do not (wide heads), nor do
+    # groups whose heads convolve their scores first, each with its own kernel.
+    reference, fused = model_pair(kq_conv_size=kq_conv_size, head_mix_size=premix, head_mix_post_size=2,
+                                  group_norm=True)
     ids = torch.randint(1, 61, (2, 19), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
@@ -446,14 +458,12 @@ def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix):
 
 def test_fused_models_name_the_layers_the_kernels_do_not_cover():
     ids = torch.randint(1, 61, (1, 9), device=DEVICE)
-    _, fused = model_pair(kq_conv_size=[3, 5], head_mix_size=2)
-    with pytest.raises(ValueError, match="pre-softmax head mixing together with a key-query convolution"):
+    # Groups of 4 on 2 key heads, and pre-mixing with a kq conv, run side by side in training, not against a cache.
+    for kq_conv_size, head_mix_size in ((None, 4), ([3, 5], 2)):
+        _, fused = model_pair(kq_conv_size=kq_conv_size, head_mix_size=head_mix_size)
         fused(ids)
-    # Groups of 4 on 2 key heads run side by side in training, but not against a cache.
-    _, fused = model_pair(kq_conv_size=None, head_mix_size=4)
-    fused(ids)
-    with pytest.raises(ValueError, match="while decoding, in groups whose heads read different key heads"):
-        fused.generate(ids, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ValueError, match="pre-softmax head mixing while decoding"):
+            fused.generate(ids, max_new_tokens=2, do_sample=False)
 
 
 def test_model_fuses_packed_documents(monkeypatch):
@@ -575,17 +585,39 @@ def test_offsets_beyond_int32():
     assert relative_error(out[tail], ref) <= TOLERANCE[torch.bfloat16]
 
 
-def test_stripe_backward_by_hand_matches_autograd():
-    generator = torch.Generator().manual_seed(0)
-    c_q, c_k, n, stripe = 3, 5, 23, 2 + 2  # key padding "both": p = 2
-    band = torch.randn(2, 4, c_q + c_k - 2, n, generator=generator, dtype=torch.float64, requires_grad=True)
-    theta = torch.randn(4, 1, c_q, c_k, generator=generator, dtype=torch.float64, requires_grad=True)
-    seg_start = torch.tensor([[0] * 10 + [10] * 13, [0] * 23])
-    dscores = torch.randn(2, 4, stripe, n, generator=generator, dtype=torch.float64)
-    want = torch.autograd.grad(mta_triton.stripe_scores(band, theta, stripe, seg_start), (band, theta), dscores)
-    got = mta_triton.stripe_scores_backward(band.detach(), theta.detach(), stripe, seg_start, dscores)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+def stripe_by_convolution(band, theta, stripe, seg_start):
+    """The stripe scores as c_q grouped convolutions of the band, one per query shift s = c_q - 1 - a: band row
+    t + b + s of column i - s meets theta[a, b], for queries in column i's segment (differentiable)."""
+    c_q, c_k = theta.shape[-2:]
+    width, n = band.shape[-2:]
+    scores = 0
+    for a in range(c_q):
+        s = c_q - 1 - a
+        shifted = torch.nn.functional.pad(band, (s, -s, -s, stripe + c_k - 1 - width + s))
+        keep = (torch.arange(n, device=band.device) - s >= seg_start)[:, None, None, :]
+        scores = scores + torch.nn.functional.conv2d(shifted * keep, theta[:, :, a, :, None], groups=band.shape[1])
+    return scores
+
+
+@pytest.mark.parametrize("padding", ["both", "left", "right"])
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_stripe_kernels_match_the_convolution(padding, packed):
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    c_q, c_k, n = 3, 5, 23
+    stripe = (c_q - 1) + (c_k - 1 - mta_triton.key_padding_left(padding, c_k))
+    band, theta = (torch.randn(*shape, generator=generator, device=DEVICE, dtype=torch.float64, requires_grad=True)
+                   for shape in ((2, 4, c_q + c_k - 2, n), (4, 1, c_q, c_k)))
+    # Packed: the second row's documents begin at 0 and 10; else one span per row (starting late in the first).
+    seg_start = torch.tensor([[0] * 10 + [10] * 13, [0] * 23] if packed else [[2], [0]], device=DEVICE)
+    dscores = torch.randn(2, 4, stripe, n, generator=generator, device=DEVICE, dtype=torch.float64)
+    want = stripe_by_convolution(band, theta, stripe, seg_start)
+    want_dband, want_dtheta = torch.autograd.grad(want, (band, theta), dscores)
+    band32, theta32, seg32 = band.detach().float()[:, :, None], theta.detach().float(), seg_start.int()  # one block
+    got = mta_triton.stripe_scores(band32, theta32, stripe, seg32)
+    dtheta = torch.zeros_like(theta32)
+    got_dband = mta_triton.stripe_scores_backward(band32, theta32, stripe, seg32, dscores.float(), dtheta)[:, :, 0]
+    for g, w in ((got, want), (got_dband, want_dband), (dtheta, want_dtheta)):
+        torch.testing.assert_close(g.double(), w.detach(), rtol=1e-5, atol=1e-5)
 
 
 def small_inputs(seed=0, heads=4, kv_heads=2, n=21, head_dim=16, size=(3, 5), group=2):
@@ -761,6 +793,11 @@ def test_pre_softmax_head_mixing_matches_the_reference_on_gpu_shapes(dtype):
     check_against_reference(batch=1, heads=8, kv_heads=4, head_dim=64, n=640, size=None, group=None, premix=4,
                             dtype=dtype, dropout=0.1)
     check_against_reference(batch=1, heads=16, kv_heads=4, head_dim=64, n=1000, size=None, group=2, premix=4,
+                            dtype=dtype)
+    # With the paper's kq conv: each column block of the wide keys convolved by its source head's kernel.
+    check_against_reference(batch=2, heads=8, kv_heads=8, head_dim=64, n=700, size=(6, 11), group=2, premix=2,
+                            dtype=dtype, starts=[0, 37], ends=[700, 650])
+    check_against_reference(batch=1, heads=8, kv_heads=2, head_dim=128, n=513, size=(6, 11), group=None, premix=2,
                             dtype=dtype)
 
 
