@@ -154,8 +154,8 @@ def main():
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """fwd+bwd ms (ratio to SDPA) and peak GiB per implementation, one line per shape and length."""
-    impls = ["sdpa", "mta_kq", "mta_headmix", "reference"]
+    """fwd+bwd ms (ratio to SDPA) and peak GiB per implementation the rows hold, one line per shape and length."""
+    impls = [name for name in implementations(0) if any(r["impl"] == name for r in rows)]
     lines = ["| heads x d | N | " + " | ".join(f"{name} fwd+bwd ms (x SDPA), GiB" for name in impls) + " |",
              "|---|---:|" + "---:|" * len(impls)]
     keys = sorted({(r["heads"], r["head_dim"], r["seq_len"]) for r in rows})

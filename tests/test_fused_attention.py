@@ -40,11 +40,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def check_against_reference(
     batch=2, heads=4, kv_heads=2, n=37, head_dim=16, size=(3, 5), padding="both", group=2,
     dtype=torch.float32, starts=None, ends=None, documents=None, per_token=False, dropout=0.0, seed=0, premix=None,
+    looser=None,
 ):
     """Fused against the reference run on each span alone: a row's real tokens [starts[b], ends[b]) (padding
     around them; given per row, or with `per_token` per token), or with `documents` (per row, the begin of each
     of its packed documents) every document. `group` is the post-softmax head-mixing group, `premix` the
-    pre-softmax one."""
+    pre-softmax one. `looser` multiplies the dtype's tolerance for the errors it names."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
 
     def rand(*shape, spread=1.0):
@@ -99,7 +100,7 @@ def check_against_reference(
     names = ["out", "dq", "dk", "dv"] + [name for name, t in weights.items() if t is not None]
     errors = dict(zip(names, [relative_error(out, ref)] + [relative_error(g, r) for g, r in zip(grads, ref_grads)]))
     print(f"relative errors ({dtype}): " + ", ".join(f"{name} {e:.2e}" for name, e in errors.items()))
-    assert all(e <= tolerance for e in errors.values()), errors
+    assert all(e <= tolerance * (looser or {}).get(name, 1) for name, e in errors.items()), errors
     return errors
 
 
@@ -394,7 +395,9 @@ def test_coverage_gaps_are_named():
 
 
 def model_pair(**overrides):
-    config = mta_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **overrides)
+    # The reference model says so: by default ("auto") it would run the kernels too on a GPU.
+    config = mta_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mta_kernel="reference",
+                        **overrides)
     torch.manual_seed(0)
     reference = randomize_mta(MTAForCausalLM(config)).to(DEVICE)
     fused = MTAForCausalLM(mta_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -794,11 +797,15 @@ def test_pre_softmax_head_mixing_matches_the_reference_on_gpu_shapes(dtype):
                             dtype=dtype, dropout=0.1)
     check_against_reference(batch=1, heads=16, kv_heads=4, head_dim=64, n=1000, size=None, group=2, premix=4,
                             dtype=dtype)
-    # With the paper's kq conv: each column block of the wide keys convolved by its source head's kernel.
+    # With the paper's kq conv: each column block of the wide keys convolved by its source head's kernel. The
+    # pre-mixing weights' gradient sums dS' times the convolved scores over all N^2 entries; in half precision it
+    # measured 0.9-1.9e-2 (bf16, 6 x 11, seeds 0 and 1; 5.0e-3 with 3 x 5) and 4.0e-3 (fp16) on an H200, every
+    # other gradient 4-6e-3 and 4-7e-4, and in float32 2.7e-6 (N = 700): rounding, not the kernel's algebra.
+    looser = {"dpremix": 5} if dtype != torch.float32 else None
     check_against_reference(batch=2, heads=8, kv_heads=8, head_dim=64, n=700, size=(6, 11), group=2, premix=2,
-                            dtype=dtype, starts=[0, 37], ends=[700, 650])
+                            dtype=dtype, starts=[0, 37], ends=[700, 650], looser=looser)
     check_against_reference(batch=1, heads=8, kv_heads=2, head_dim=128, n=513, size=(6, 11), group=None, premix=2,
-                            dtype=dtype)
+                            dtype=dtype, looser=looser)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
