@@ -22,6 +22,6 @@ setup(
     # needs numpy < 2.4 (loop bounds are converted with int(), which numpy 2.4 refuses for 1-element arrays).
     # `mta finetune` reads local text through `datasets` when it is installed (the "finetune" extra),
     # and through plain Python otherwise; the tests check that both give the same blocks.
-    extras_require={"finetune": ["datasets>=3"], "test": ["pytest>=8", "triton>=3.6", "numpy<2.4", "datasets>=3"]},
+    extras_require={"finetune": ["datasets>=3"], "test": ["pytest>=8", "pytest-xdist>=3", "triton>=3.6", "numpy<2.4", "datasets>=3"]},
     entry_points={"console_scripts": ["mta=mta.cli:main"]},
 )

@@ -92,8 +92,9 @@ def main():
                           DOT_PRECISION="tf32", E=2)
             print(f"d={head_dim:<3} decode 6x11 c_h=2  {report(mt._mta_decode_kernel, decode, 4, 1)}", flush=True)
     if args.variants:  # the stripe's convolution (no head_dim), one and two source heads per column block
+        tiles = mt._stripe_tiles(10, 15, 11)
         for c_p in (1, 2):
-            stripe = dict(C_Q=6, C_K=11, WB=15, STRIPE=10, T_BLOCK=16, BLOCK=mt.STRIPE_BLOCK, PACKED=False, C_P=c_p)
+            stripe = dict(C_Q=6, C_K=11, WB=15, STRIPE=10, PACKED=False, C_P=c_p, **tiles)
             print(f"stripe 6x11 C_P={c_p}  fwd {report(mt._stripe_kernel, stripe, 4, 1, 'fp32')}", flush=True)
             print(f"stripe 6x11 C_P={c_p}  bwd {report(mt._stripe_bwd_kernel, dict(stripe, W_BLOCK=16), 4, 1, 'fp32')}",
                   flush=True)

@@ -264,27 +264,41 @@ def _band_grad(dband_ptr, bh, w, rows, ok, N, WB: tl.constexpr, C_P: tl.constexp
 def _stripe_kernel(
     band_ptr, theta_ptr, cband_ptr, seg_start_ptr, N, H,
     C_Q: tl.constexpr, C_K: tl.constexpr, WB: tl.constexpr, STRIPE: tl.constexpr, T_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr, PACKED: tl.constexpr, C_P: tl.constexpr,
+    K_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PACKED: tl.constexpr, C_P: tl.constexpr,
 ):
     """cband[b, h, t, i] = C[i, i - STRIPE + 1 + t]. Row w of the band holds S[i', i' + w - (WB - 1)], so the
     window of stripe entry (t, i) at kernel tap (a, c) reads band row t + c + s of column i - s, s = C_Q - 1 - a;
     rows from WB on lie above the diagonal (zero), and so does a query before the start of i's segment. With
-    C_P column blocks (pre-mixing side by side) each block's band meets its source head's kernel."""
+    C_P column blocks (pre-mixing side by side) each block's band meets its source head's kernel. The taps c of
+    one row of the kernel are one (t, c, i) tile."""
     pid, bh, b, h = _program(H)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     t = tl.arange(0, T_BLOCK)
     rs, _ = _segments(seg_start_ptr, seg_start_ptr, b, rows, N, PACKED)
     acc = tl.zeros([T_BLOCK, BLOCK], dtype=tl.float32)
     for p in tl.static_range(C_P):
-        for a in tl.static_range(C_Q):
-            src, keep = _stripe_source(rows, rs, N, C_Q - 1 - a)
-            for c in range(C_K):
-                w = t + c + (C_Q - 1 - a)
-                tile = tl.load(band_ptr + ((bh * C_P + p) * WB + w[:, None]) * N + src[None, :],
-                               mask=((w < WB) & (t < STRIPE))[:, None] & keep[None, :], other=0.0)
-                acc += tl.load(theta_ptr + ((h // C_P * C_P + p) * C_Q + a) * C_K + c) * tile
+        for a in range(C_Q):  # a plain loop: unrolled, the taps' loads were hoisted (spills)
+            theta, tile = _stripe_taps(band_ptr, theta_ptr, bh * C_P + p, h // C_P * C_P + p, a, t, rows, rs, N,
+                                       C_Q, C_K, WB, STRIPE, K_BLOCK)
+            acc += tl.sum(theta[None, :, None] * tile, axis=1)
     tl.store(cband_ptr + (bh * STRIPE + t[:, None]) * N + rows[None, :], acc,
              mask=(t < STRIPE)[:, None] & (rows < N)[None, :])
+
+
+@triton.jit
+def _stripe_taps(band_ptr, theta_ptr, band_row, source, a, t, rows, rs, N, C_Q: tl.constexpr, C_K: tl.constexpr,
+                 WB: tl.constexpr, STRIPE: tl.constexpr, K_BLOCK: tl.constexpr):
+    """Row a of the source head's kernel (K_BLOCK, zero past C_K) and what its taps c read for stripe entry (t, i):
+    band row t + c + s of column i - s (a (t, c, i) tile), where that query counts (`_stripe_source`)."""
+    s = C_Q - 1 - a
+    c = tl.arange(0, K_BLOCK)
+    theta = tl.load(theta_ptr + (source * C_Q + a) * C_K + c, mask=c < C_K, other=0.0)
+    src, keep = _stripe_source(rows, rs, N, s)
+    w = t[:, None] + c[None, :] + s
+    ok = (w < WB) & (t < STRIPE)[:, None] & (c < C_K)[None, :]
+    tile = tl.load(band_ptr + (band_row * WB + w[:, :, None]) * N + src[None, None, :],
+                   mask=ok[:, :, None] & keep[None, None, :], other=0.0)
+    return theta, tile
 
 
 @triton.jit
@@ -299,7 +313,7 @@ def _stripe_source(rows, rs, N, s):
 def _stripe_bwd_kernel(
     band_ptr, theta_ptr, dcband_ptr, dband_ptr, dtheta_ptr, seg_start_ptr, N, H,
     C_Q: tl.constexpr, C_K: tl.constexpr, WB: tl.constexpr, STRIPE: tl.constexpr, T_BLOCK: tl.constexpr,
-    W_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PACKED: tl.constexpr, C_P: tl.constexpr,
+    W_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PACKED: tl.constexpr, C_P: tl.constexpr,
 ):
     """`_stripe_kernel`'s backward for one block of columns: dband of these band columns (each receives from the
     stripe columns i' + s), and theta's gradient from these stripe columns (float32 atomics)."""
@@ -307,28 +321,29 @@ def _stripe_bwd_kernel(
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     t = tl.arange(0, T_BLOCK)
     w = tl.arange(0, W_BLOCK)
+    c = tl.arange(0, K_BLOCK)
     rs, _ = _segments(seg_start_ptr, seg_start_ptr, b, rows, N, PACKED)
     g = tl.load(dcband_ptr + (bh * STRIPE + t[:, None]) * N + rows[None, :],
                 mask=(t < STRIPE)[:, None] & (rows < N)[None, :], other=0.0)
     for p in tl.static_range(C_P):
         source = h // C_P * C_P + p
         dband = tl.zeros([W_BLOCK, BLOCK], dtype=tl.float32)
-        for a in tl.static_range(C_Q):
+        for a in range(C_Q):
             s = C_Q - 1 - a
-            src, keep = _stripe_source(rows, rs, N, s)
-            # Band column i' feeds stripe column i' + s where the query i' lies in that column's segment.
+            theta, tile = _stripe_taps(band_ptr, theta_ptr, bh * C_P + p, source, a, t, rows, rs, N, C_Q, C_K, WB,
+                                       STRIPE, K_BLOCK)
+            tl.atomic_add(dtheta_ptr + (source * C_Q + a) * C_K + c, tl.sum(tl.sum(g[:, None, :] * tile, axis=2), axis=0),
+                          mask=c < C_K)
+            # Band column i' feeds stripe column i' + s (entry w - c - s) where the query i' lies in that column's
+            # segment.
             dst = rows + s
             dst_start, _ = _segments(seg_start_ptr, seg_start_ptr, b, dst, N, PACKED)
             _, feeds = _stripe_source(dst, dst_start, N, s)
-            for c in range(C_K):
-                theta = tl.load(theta_ptr + (source * C_Q + a) * C_K + c)
-                tile = tl.load(band_ptr + ((bh * C_P + p) * WB + (t + c + s)[:, None]) * N + src[None, :],
-                               mask=((t + c + s < WB) & (t < STRIPE))[:, None] & keep[None, :], other=0.0)
-                tl.atomic_add(dtheta_ptr + (source * C_Q + a) * C_K + c, tl.sum(tl.sum(g * tile, axis=1), axis=0))
-                u = w - c - s
-                dg = tl.load(dcband_ptr + (bh * STRIPE + u[:, None]) * N + dst[None, :],
-                             mask=((u >= 0) & (u < STRIPE) & (w < WB))[:, None] & feeds[None, :], other=0.0)
-                dband += theta * dg
+            u = w[:, None] - c[None, :] - s
+            ok = (u >= 0) & (u < STRIPE) & (w < WB)[:, None] & (c < C_K)[None, :]
+            dg = tl.load(dcband_ptr + (bh * STRIPE + u[:, :, None]) * N + dst[None, None, :],
+                         mask=ok[:, :, None] & feeds[None, None, :], other=0.0)
+            dband += tl.sum(theta[None, :, None] * dg, axis=1)
         tl.store(dband_ptr + ((bh * C_P + p) * WB + w[:, None]) * N + rows[None, :], dband,
                  mask=(w < WB)[:, None] & (rows < N)[None, :])
 
@@ -1008,9 +1023,10 @@ def stripe_scores(band: torch.Tensor, theta32: torch.Tensor, stripe: int, seg_st
     batch, heads, c_p, width, n = band.shape
     c_q, c_k = theta32.shape[-2:]
     cband = _output((batch, heads, stripe, n), band, torch.float32)
-    _stripe_kernel[_grid(n, STRIPE_BLOCK, batch * heads)](
+    tiles = _stripe_tiles(stripe, width, c_k)
+    _stripe_kernel[_grid(n, tiles["BLOCK"], batch * heads)](
         band.contiguous(), theta32, cband, seg_start, n, heads, C_Q=c_q, C_K=c_k, WB=width, STRIPE=stripe,
-        T_BLOCK=triton.next_power_of_2(stripe), BLOCK=STRIPE_BLOCK, PACKED=seg_start.shape[-1] > 1, C_P=c_p)
+        PACKED=seg_start.shape[-1] > 1, C_P=c_p, **tiles)
     return cband
 
 
@@ -1019,11 +1035,18 @@ def stripe_scores_backward(band, theta32, stripe, seg_start, dscores, dtheta) ->
     batch, heads, c_p, width, n = band.shape
     c_q, c_k = theta32.shape[-2:]
     dband = _output(band.shape, band, torch.float32)
-    _stripe_bwd_kernel[_grid(n, STRIPE_BLOCK, batch * heads)](
+    tiles = _stripe_tiles(stripe, width, c_k)
+    _stripe_bwd_kernel[_grid(n, tiles["BLOCK"], batch * heads)](
         band, theta32, dscores.contiguous(), dband, dtheta, seg_start, n, heads, C_Q=c_q, C_K=c_k, WB=width,
-        STRIPE=stripe, T_BLOCK=triton.next_power_of_2(stripe), W_BLOCK=triton.next_power_of_2(width),
-        BLOCK=STRIPE_BLOCK, PACKED=seg_start.shape[-1] > 1, C_P=c_p)
+        STRIPE=stripe, PACKED=seg_start.shape[-1] > 1, C_P=c_p, W_BLOCK=triton.next_power_of_2(width), **tiles)
     return dband
+
+
+def _stripe_tiles(stripe: int, width: int, c_k: int) -> dict:
+    """Block sizes of the stripe kernels (the backward adds W_BLOCK, the band's rows): their (stripe or band rows x
+    taps x columns) tiles hold about STRIPE_TILE elements."""
+    rows, taps = triton.next_power_of_2(max(stripe, width)), triton.next_power_of_2(c_k)
+    return dict(T_BLOCK=triton.next_power_of_2(stripe), K_BLOCK=taps, BLOCK=max(16, STRIPE_TILE // (rows * taps)))
 
 
 def _output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -1049,8 +1072,9 @@ def value_chunk(c_h: int, head_dim: int) -> int:
 # The row kernels (khat, band scores and their backward) hold (ROW_BLOCK x d) float32 tiles: with 4 warps at
 # d = 128 they spilled to the stack (5.8 KB per thread in the band backward; benchmarks/compile_report.py).
 ROW_BLOCK, ROW_KERNEL_WARPS = 64, 8
-# Columns per program of the stripe kernels (each holds a few (stripe x columns) float32 tiles).
-STRIPE_BLOCK = 64
+# Elements of the stripe kernels' (band rows x kernel taps x columns) float32 tiles: with 4 warps, 32 registers
+# per thread each.
+STRIPE_TILE = 4096
 
 # Rows per program of the head-mixing kernels (each holds a few (rows x d) float32 tiles).
 MIX_BLOCK = 32
