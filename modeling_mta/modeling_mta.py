@@ -453,7 +453,6 @@ class MTAAttention(nn.Module):
                 self.head_mix.weight.shape[-1] if self.head_mix is not None else None,
                 self.head_mix_post.weight.shape[-1] if self.head_mix_post is not None else None,
                 query.shape[1] // self.config.num_key_value_heads,
-                decoding=bool(layout.past_len),
             )
         if gap is None:
             return self.spans(layout)

@@ -59,18 +59,14 @@ def fused_coverage_gap(
     head_mix_size: int | None,
     head_mix_post_size: int | None,
     queries_per_key: int = 1,
-    decoding: bool = False,
 ) -> str | None:
-    """None if the fused kernel computes this configuration, else the name of what it lacks. `queries_per_key`:
-    query heads per key/value head (GQA); `decoding`: new tokens against a cache."""
+    """None if the fused kernels (training, prefill and decoding alike) compute this configuration, else the name of
+    what they lack. `queries_per_key`: query heads per key/value head (GQA)."""
     if has_kq_conv_post:
         return "post-softmax key-query convolution"
     if head_mix_size is not None:
         # Side by side where the group's heads read different key heads, or convolve with kernels of their own.
         side_by_side = queries_per_key % head_mix_size != 0 or kq_conv_size is not None
-        if decoding and side_by_side:
-            return ("pre-softmax head mixing while decoding, in groups whose heads read different key heads or "
-                    "together with a key-query convolution")
         widest = MAX_PREMIXED_WIDTH if kq_conv_size is None else MAX_PREMIXED_CONV_WIDTH
         if side_by_side and (head_mix_size & (head_mix_size - 1) or head_mix_size * head_dim > widest):
             return (f"pre-softmax head mixing in groups of {head_mix_size} at head_dim {head_dim} (kernel: groups "
@@ -965,23 +961,24 @@ def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, 
 def _mta_decode_kernel(
     qhat_ptr, k_ptr, v_ptr, cband_ptr, z_ptr, start_ptr,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    M, L, H, GQA,
+    M, L, H, GQA_K, GQA,
     C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, E: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    E: tl.constexpr,
 ):
     """New query rows against a cache of L keys: row m is the token at L - M + m, and its scores are
     C[i, j] = sum_b qhat_b[i] . k[j - PAD + b] away from the diagonal (qhat: the queries mixed by the
     kernel, scale included), the exact stripe values (cband, (B, H, STRIPE, M)) near it. Keys from
-    start[b] on are real."""
+    start[b] on are real. Query head h reads key head h // GQA_K (DQK wide) and value head h // GQA."""
     pid, bh, b, h = _program(H)
     rows = pid * BM + tl.arange(0, BM)
     pos = L - M + rows
     start = tl.load(start_ptr + b)
     first = _value_chunk(h, C_H, E)
     row_ok = (rows < M) & (pos >= start)
-    d = tl.arange(0, D)
-    k_base = k_ptr + b * stride_kb + (h // GQA) * stride_kh
-    qhat_base = qhat_ptr + bh * M * C_K * D
+    d = tl.arange(0, DQK)
+    k_base = k_ptr + b * stride_kb + (h // GQA_K) * stride_kh
+    qhat_base = qhat_ptr + bh * M * C_K * DQK
 
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
@@ -993,7 +990,8 @@ def _mta_decode_kernel(
             src = cols - PAD + t
             ok = (src >= start) & (src < L)
             kt = tl.load(k_base + src[:, None] * stride_kn + d[None, :], mask=ok[:, None], other=0.0)
-            qh = tl.load(qhat_base + (rows[:, None] * C_K + t) * D + d[None, :], mask=(rows < M)[:, None], other=0.0)
+            qh = tl.load(qhat_base + (rows[:, None] * C_K + t) * DQK + d[None, :], mask=(rows < M)[:, None],
+                         other=0.0)
             s += tl.dot(qh, tl.trans(kt), input_precision=DOT_PRECISION)
         if STRIPE > 0:
             t = cols[None, :] - pos[:, None] + (STRIPE - 1)
@@ -1390,9 +1388,10 @@ def _premixed(q: torch.Tensor, k: torch.Tensor, mix: torch.Tensor, convolved: bo
     by_source = q.view(batch, groups, c_p, 1, n, head_dim) * mix.to(q.dtype)[None, :, :, :, None, None]  # (c, e)
     if (heads // k.shape[1]) % c_p == 0 and not convolved:
         return by_source.sum(2).reshape(q.shape), k
-    keys = k.repeat_interleave(heads // k.shape[1], dim=1).view(batch, groups, c_p, n, head_dim)
+    length = k.shape[2]  # n, or the cache's length when decoding
+    keys = k.repeat_interleave(heads // k.shape[1], dim=1).view(batch, groups, c_p, length, head_dim)
     wide_q = by_source.permute(0, 1, 3, 4, 2, 5).reshape(batch, heads, n, c_p * head_dim)
-    return wide_q, keys.permute(0, 1, 3, 2, 4).reshape(batch, groups, n, c_p * head_dim)
+    return wide_q, keys.permute(0, 1, 3, 2, 4).reshape(batch, groups, length, c_p * head_dim)
 
 
 def _kernel_group(heads: int, kv_heads: int, c_h: int, dropout_p: float = 0.0) -> int:
@@ -1475,16 +1474,17 @@ def mta_decode_fused(
     positions, the new tokens' and, for a convolution, up to c_q - 1 before them (earlier rows count as zero).
     Keys from key_start[b] on are real (left padding before). No N x N tensor: the kernel's queries are mixed
     first (c_k of them per row) and meet each key once, and the stripe near the diagonal is computed exactly.
-    Pre-softmax head mixing (`head_mix_weight`) is covered where each group's heads read one key head: then it
-    mixes the queries alone (`_premixed`), and the cache is read as it is.
+    Pre-softmax head mixing (`head_mix_weight`): where each group's heads read one key head and there is no
+    convolution it mixes the queries alone (`_premixed`) and reads the cache as it is; else the group's keys are
+    put side by side from the cache at each call (a copy of the layer's cache) against the wide queries.
     """
     heads, head_dim = q_rows.shape[1], q_rows.shape[3]
-    _check_coverage(q_rows, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, decoding=True)
+    _check_coverage(q_rows, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding)
     q_rows, k, v = _in_autocast_dtype(q_rows, k, v)
     if head_mix_weight is not None:
-        q_rows, k = _premixed(q_rows, k, head_mix_weight)
+        q_rows, k = _premixed(q_rows, k, head_mix_weight, convolved=kq_conv_weight is not None)
     c_h = head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else 1
-    group = _kernel_group(heads, k.shape[1], c_h)
+    group = _kernel_group(heads, v.shape[1], c_h)
     theta = kq_conv_weight if kq_conv_weight is not None else q_rows.new_ones(heads, 1, 1, 1)
     return _decode_op(q_rows, k.contiguous(), v.contiguous(), theta, head_mix_post_weight, key_padding, group,
                       key_start.to(torch.int32), new_rows)
@@ -1507,7 +1507,11 @@ def _(q_rows, k, v, theta, mix, key_padding, c_h, key_start, new_rows):
 
 
 def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
-    batch, heads, rows, head_dim = q_rows.shape
+    """Z for the new rows. q_rows and k may be wider than the values (pre-softmax mixing side by side, `_premixed`):
+    c_p = their width / d column blocks, each the share of one source head, mixed by that head's kernel."""
+    batch, heads, rows, width_qk = q_rows.shape
+    head_dim = v.shape[-1]
+    c_p = width_qk // head_dim
     length = k.shape[2]
     c_q, c_k = theta.shape[-2:]
     pad = key_padding_left(key_padding, c_k)
@@ -1516,38 +1520,43 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
     positions = first + torch.arange(rows, device=q_rows.device)
     real = positions[None, :] >= key_start[:, None].long()  # (B, R)
     q_real = q_rows.float() * real[:, None, :, None] / math.sqrt(head_dim)
-    # qhat[m, b] = sum_a theta[a, b] q~[i - (c_q - 1) + a] for the new rows i: windows of c_q rows, zeros before.
-    windows = F.pad(q_real, (0, 0, c_q - 1, 0)).unfold(2, c_q, 1)[:, :, rows - new_rows:]  # (B, H, M, d, c_q)
-    qhat = torch.einsum("nhmda,hat->nhmtd", windows, theta[:, 0].float()).to(q_rows.dtype).contiguous()
+    # qhat[m, b] = sum_a theta[a, b] q~[i - (c_q - 1) + a] for the new rows i: windows of c_q rows, zeros before;
+    # each column block with its source head's kernel.
+    windows = F.pad(q_real, (0, 0, c_q - 1, 0)).unfold(2, c_q, 1)[:, :, rows - new_rows:]  # (B, H, M, c_p d, c_q)
+    sources = torch.arange(heads, device=q_rows.device)[:, None] // c_p * c_p + torch.arange(c_p, device=q_rows.device)
+    kernels = theta[:, 0].float()[sources]  # (H, c_p, c_q, c_k)
+    qhat = torch.einsum("nhmpda,hpat->nhmtpd", windows.unflatten(3, (c_p, head_dim)), kernels)
+    qhat = qhat.flatten(4).to(q_rows.dtype).contiguous()
     cband = q_rows.new_zeros(1, dtype=torch.float32)
     if stripe > 0:
-        width = c_q + c_k - 2
-        band = _decode_band(q_real, k, key_start, first, width)
+        band = _decode_band(q_real, k, key_start, first, c_q + c_k - 2, c_p)
         # The stripe of a new row reads band columns up to c_q - 1 rows back, all inside q_rows.
-        cband = stripe_scores(band[:, :, None], theta.float().contiguous(), stripe,
+        cband = stripe_scores(band, theta.float().contiguous(), stripe,
                               (key_start - first).to(torch.int32)[:, None].contiguous())
         cband = cband[..., rows - new_rows:].contiguous()
     z = _output((batch, heads, new_rows, c_h * head_dim), q_rows)
     e = value_chunk(c_h, head_dim)
     # One stage: the c_k shifted key tiles of a step, pipelined, took 245 KB (d = 64) and 481 KB (d = 128) of
     # shared memory at three stages on an H200.
-    tiling = (16, 64 if head_dim * e <= 256 else 32, 4, 1)
+    tiling = (16, 64 if head_dim * e <= 256 and width_qk <= 128 else 32, 4, 1)
     _launch(_mta_decode_kernel, lambda bm, bn: _grid(new_rows, bm, batch * heads, c_h // e),
             (qhat, k, v, cband, z, key_start, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-             v.stride(2), new_rows, length, heads, heads // k.shape[1]), tiling,
-            dict(C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, D=head_dim, E=e,
+             v.stride(2), new_rows, length, heads, heads // k.shape[1], heads // v.shape[1]), tiling,
+            dict(C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, D=head_dim, DQK=width_qk, E=e,
                  DOT_PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32"))
     return z
 
 
-def _decode_band(q_real, k, key_start, first, width):
-    """band[b, h, w, r] = q~[r] . k[first + r + w - (width - 1)] for the R query rows (real keys only): (B, H, W, R)."""
-    batch, heads, rows, head_dim = q_real.shape
+def _decode_band(q_real, k, key_start, first, width, c_p):
+    """band[b, h, p, w, r] = q~[r] . k[first + r + w - (width - 1)] over column block p of c_p, for the R query rows
+    (real keys only): (B, H, c_p, W, R)."""
+    batch, heads, rows, width_qk = q_real.shape
     keys = first + torch.arange(rows, device=k.device)[:, None] + torch.arange(width, device=k.device) - (width - 1)
     real = (keys[None] >= key_start[:, None, None].long()) & (keys >= 0)  # (B, R, W)
-    near = k[:, :, keys.clamp(min=0)]  # (B, H_kv, R, W, d): only the keys next to the diagonal
+    near = k[:, :, keys.clamp(min=0)]  # (B, H_k, R, W, c_p d): only the keys next to the diagonal
     near = near.repeat_interleave(heads // k.shape[1], dim=1).float()
-    return torch.einsum("bhrd,bhrwd->bhwr", q_real, near) * real.transpose(1, 2)[:, None]
+    band = torch.einsum("bhrpd,bhrwpd->bhpwr", q_real.unflatten(3, (c_p, -1)), near.unflatten(4, (c_p, -1)))
+    return band * real.transpose(1, 2)[:, None, None]
 
 def dropout_keep_scale(batch: int, heads: int, n: int, c_h: int, dropout_p: float, dropout_seed: int,
                        device) -> torch.Tensor:
@@ -1561,11 +1570,11 @@ def dropout_keep_scale(batch: int, heads: int, n: int, c_h: int, dropout_p: floa
     return out
 
 
-def _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, decoding=False):
+def _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding):
     gap = fused_coverage_gap(q.shape[-1], tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
                              key_padding, False, head_mix_weight.shape[-1] if head_mix_weight is not None else None,
                              head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None,
-                             q.shape[1] // k.shape[1], decoding)
+                             q.shape[1] // k.shape[1])
     if gap is not None:
         raise ValueError(f"the fused MTA kernel does not cover {gap}")
 

@@ -377,7 +377,7 @@ def test_coverage_gaps_are_named():
     assert gap(128, (6, 11), "both", False, None, 16) is None
     assert "9 x 11" in gap(64, (9, 11), "both", False, None, None)
     assert "head_dim 96" in gap(96, None, "both", False, None, 2)
-    # Pre-softmax head mixing in training and prefill: side by side up to 512 wide (256 with a kq conv, whose
+    # Pre-softmax head mixing (training and decoding alike): side by side up to 512 wide (256 with a kq conv, whose
     # heads always run side by side), or any group whose heads share a key head.
     assert gap(128, None, "both", False, 4, 2) is None
     assert gap(64, None, "both", False, 16, None, queries_per_key=16) is None
@@ -385,11 +385,6 @@ def test_coverage_gaps_are_named():
     assert "groups of 3" in gap(64, None, "both", False, 3, None)
     assert gap(128, (6, 11), "both", False, 2, 2, queries_per_key=2) is None
     assert "groups of 4 at head_dim 128" in gap(128, (6, 11), "both", False, 4, 2, queries_per_key=4)
-    assert gap(64, None, "both", False, 2, None, queries_per_key=2, decoding=True) is None
-    assert "together with a key-query convolution" in gap(64, (2, 3), "both", False, 2, None, queries_per_key=2,
-                                                          decoding=True)
-    assert "while decoding, in groups whose heads read different key heads" in gap(64, None, "both", False, 2, None,
-                                                                                   decoding=True)
     with pytest.raises(ValueError, match="does not cover"):
         mta_triton.mta_attention_fused(*(torch.randn(1, 2, 4, 16) for _ in range(3)), torch.randn(2, 1, 9, 3))
 
@@ -457,16 +452,6 @@ def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix, kq_conv_size):
                                                labels=ids.masked_fill(mask == 0, -100))
     assert calls == 3
     assert_same_logits_and_grads(outs, rows=mask.bool())
-
-
-def test_fused_models_name_the_layers_the_kernels_do_not_cover():
-    ids = torch.randint(1, 61, (1, 9), device=DEVICE)
-    # Groups of 4 on 2 key heads, and pre-mixing with a kq conv, run side by side in training, not against a cache.
-    for kq_conv_size, head_mix_size in ((None, 4), ([3, 5], 2)):
-        _, fused = model_pair(kq_conv_size=kq_conv_size, head_mix_size=head_mix_size)
-        fused(ids)
-        with pytest.raises(ValueError, match="pre-softmax head mixing while decoding"):
-            fused.generate(ids, max_new_tokens=2, do_sample=False)
 
 
 def test_model_fuses_packed_documents(monkeypatch):
@@ -743,6 +728,10 @@ DECODE_CASES = [
     dict(kv_heads=4),  # no GQA: the group's value heads differ, the kernel mixes them
     dict(size=None, premix=2),  # pre-softmax head mixing in groups that share a key head: mixed queries
     dict(size=None, premix=4, kv_heads=1, group=None, new=5),
+    # Side by side: heads that read different key heads, and (always) with a kq conv, each block its own kernel.
+    dict(size=None, premix=2, kv_heads=4),
+    dict(premix=2, group=None),
+    dict(premix=4, kv_heads=4, size=(2, 3), padding="left", starts=(3, 0)),
 ]
 
 
@@ -751,8 +740,9 @@ def test_decoding_matches_the_reference(case):
     check_decode(**case)
 
 
-@pytest.mark.parametrize("mta", [dict(kq_conv_size=[3, 5]), dict(kq_conv_size=None, head_mix_size=2)],
-                         ids=["kq-conv", "pre-softmax-mixing"])
+@pytest.mark.parametrize("mta", [dict(kq_conv_size=[3, 5]), dict(kq_conv_size=None, head_mix_size=2),
+                                 dict(kq_conv_size=[3, 5], head_mix_size=2)],
+                         ids=["kq-conv", "pre-softmax-mixing", "pre-mixing-side-by-side-with-kq-conv"])
 def test_the_model_decodes_with_the_kernel(monkeypatch, mta):
     reference, fused = model_pair(head_mix_post_size=2, group_norm=True, **mta)
     ids = torch.randint(1, 61, (2, 9), device=DEVICE)
@@ -784,6 +774,8 @@ def test_decoding_matches_the_reference_on_gpu_shapes(dtype):
                  dtype=dtype)
     check_decode(heads=8, kv_heads=8, head_dim=128, length=700, new=3, size=(8, 15), group=4, padding="left",
                  dtype=dtype)
+    # Pre-softmax mixing side by side (q and the cache's keys 2 x 64 wide), each block with its own 6 x 11 kernel.
+    check_decode(heads=8, kv_heads=8, head_dim=64, length=1500, new=2, size=(6, 11), group=2, premix=2, dtype=dtype)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
