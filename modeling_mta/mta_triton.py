@@ -328,8 +328,8 @@ def _stripe_bwd_kernel(
             s = C_Q - 1 - a
             theta, tile = _stripe_taps(band_ptr, theta_ptr, bh * C_P + p, source, a, t, rows, rs, N, C_Q, C_K, WB,
                                        STRIPE, K_BLOCK)
-            tl.atomic_add(dtheta_ptr + (source * C_Q + a) * C_K + c, tl.sum(tl.sum(g[:, None, :] * tile, axis=2), axis=0),
-                          mask=c < C_K)
+            dtheta = tl.sum(tl.sum(g[:, None, :] * tile, axis=2), axis=0)
+            tl.atomic_add(dtheta_ptr + (source * C_Q + a) * C_K + c, dtheta, mask=c < C_K)
             # Band column i' feeds stripe column i' + s (entry w - c - s) where the query i' lies in that column's
             # segment.
             dst = rows + s
