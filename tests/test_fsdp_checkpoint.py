@@ -48,6 +48,9 @@ WRITER = textwrap.dedent(
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full, folder + "/expected.pt")
+    # Both ranks done before gloo tears down. Once in CI (two pytest workers), rank 1 died of SIGABRT at teardown
+    # ("terminate called without an active exception") while rank 0 was still saving; not reproduced since.
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
