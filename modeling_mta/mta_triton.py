@@ -159,12 +159,19 @@ def _mixed_keys(k_base, theta_ptr, h, a, rows, rs, re, stride_kn, C_Q: tl.conste
 
 
 @triton.jit
+def _source_head(h, p, C_P: tl.constexpr):
+    """The head whose kernel column block p of query head h's key tiles takes: with pre-softmax head mixing side by
+    side (C_P > 1), source head p of h's group; else h itself (p = 0)."""
+    return h // C_P * C_P + p
+
+
+@triton.jit
 def _theta_columns(theta_ptr, h, a, t, C_Q: tl.constexpr, C_K: tl.constexpr, C_P: tl.constexpr, W: tl.constexpr):
     """theta[source, a, t] for each of a key tile's W columns (a scalar for one source head)."""
     if C_P == 1:
         return tl.load(theta_ptr + (h * C_Q + a) * C_K + t)
     else:
-        source = h // C_P * C_P + tl.arange(0, W) // (W // C_P)
+        source = _source_head(h, tl.arange(0, W) // (W // C_P), C_P)
         return tl.load(theta_ptr + (source * C_Q + a) * C_K + t)[None, :]
 
 
@@ -178,7 +185,7 @@ def _add_theta_grad(dtheta_ptr, h, a, t, terms, C_Q: tl.constexpr, C_K: tl.const
         column_sums = tl.sum(terms, axis=0)
         block = tl.arange(0, W) // (W // C_P)
         for p in tl.static_range(C_P):
-            tl.atomic_add(dtheta_ptr + ((h // C_P * C_P + p) * C_Q + a) * C_K + t,
+            tl.atomic_add(dtheta_ptr + (_source_head(h, p, C_P) * C_Q + a) * C_K + t,
                           tl.sum(tl.where(block == p, column_sums, 0.0), axis=0))
 
 
@@ -274,8 +281,8 @@ def _stripe_kernel(
     acc = tl.zeros([T_BLOCK, BLOCK], dtype=tl.float32)
     for p in tl.static_range(C_P):
         for a in range(C_Q):  # a plain loop: unrolled, the taps' loads were hoisted (spills)
-            theta, tile = _stripe_taps(band_ptr, theta_ptr, bh * C_P + p, h // C_P * C_P + p, a, t, rows, rs, N,
-                                       C_Q, C_K, WB, STRIPE, K_BLOCK)
+            theta, tile = _stripe_taps(band_ptr, theta_ptr, bh * C_P + p, _source_head(h, p, C_P), a, t, rows, rs,
+                                       N, C_Q, C_K, WB, STRIPE, K_BLOCK)
             acc += tl.sum(theta[None, :, None] * tile, axis=1)
     tl.store(cband_ptr + (bh * STRIPE + t[:, None]) * N + rows[None, :], acc,
              mask=(t < STRIPE)[:, None] & (rows < N)[None, :])
@@ -322,7 +329,7 @@ def _stripe_bwd_kernel(
     g = tl.load(dcband_ptr + (bh * STRIPE + t[:, None]) * N + rows[None, :],
                 mask=(t < STRIPE)[:, None] & (rows < N)[None, :], other=0.0)
     for p in tl.static_range(C_P):
-        source = h // C_P * C_P + p
+        source = _source_head(h, p, C_P)
         dband = tl.zeros([W_BLOCK, BLOCK], dtype=tl.float32)
         for a in range(C_Q):
             s = C_Q - 1 - a
