@@ -7,6 +7,7 @@ For each (heads x head_dim) and sequence length, batch 1, bf16: forward and forw
   mta_headmix  fused MTA, a head-mix-only layer: post-softmax head mix 2
   mta_premix   fused MTA, pre-softmax head mix 2 (no kq conv; without GQA its q and k run 2 x d wide)
   mta_premix_kq  fused MTA, the kq-conv layer with pre-softmax head mix 2 as well (q and k 2 x d wide)
+  mta_post     fused MTA, post-softmax kq conv 3 x 5 + head mix 2 (no pre-softmax conv)
   reference    the reference MTA attention on the kq-conv layer, until it runs out of memory
 Prints a table with ratios to SDPA and writes the rows as JSON.
 
@@ -60,6 +61,9 @@ def implementations(n: int):
         "mta_headmix": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, None, mix),
         "mta_premix": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, head_mix_weight=mix),
         "mta_premix_kq": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, theta, mix, head_mix_weight=mix),
+        # A post-softmax 3 x 5 kq conv (the middle of theta: identity plus noise) and head mixing, no pre-softmax conv.
+        "mta_post": lambda q, k, v, theta, mix: mta_attention_fused(q, k, v, None, mix,
+                                                                     kq_conv_post_weight=theta[:, :, 3:, 3:8]),
         "reference": reference,
     }
 

@@ -24,7 +24,7 @@ FLOAT_ARGS = {"scale", "dropout_p"}
 INT32_POINTERS = {"seg_start_ptr", "seg_end_ptr", "start_ptr"}
 INT64_POINTERS = {"seed_ptr"}
 FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "cband_ptr", "dcband_ptr", "band_ptr", "dband_ptr", "theta_ptr",
-                    "dtheta_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+                    "dtheta_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "sband_ptr", "dsband_ptr"}
 
 
 def signature(kernel, constexprs: dict, dtype: str) -> dict:
@@ -70,14 +70,17 @@ def main():
     parser.add_argument("--kernels", nargs="+", default=list(mt.KERNELS), choices=mt.KERNELS)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--variants", action="store_true",
-                        help="also packed rows, dropout, a group of 16 (value heads in chunks) and the decode kernel")
+                        help="also packed rows, dropout, a group of 16 (value heads in chunks), a post-softmax kq "
+                             "conv and the decode kernel")
     args = parser.parse_args()
     extra = [tuple(int(x) for x in t.split(",")) for t in args.tiles]
     for head_dim in args.head_dims:
         layers = [(True, 2, {}), (False, 2, {})]
         if args.variants:
             layers += [(True, 2, dict(PACKED=True)), (True, 1, dict(DROPOUT=True)), (True, 2, dict(DROPOUT=True)),
-                       (True, 16, dict(DROPOUT=True))]
+                       (True, 16, dict(DROPOUT=True)),
+                       # a post-softmax 3 x 5 conv ("both": 2 offsets) and head mixing of 2: 3 x 2 own value heads
+                       (True, 6, dict(BAND=2, OWN_VALUES=True))]
         for has_conv, c_h, flags in layers:
             c_q, c_k, pad = (6, 11, 5) if has_conv else (1, 1, 0)
             stripe = (c_q - 1) + (c_k - 1 - pad) if has_conv else 0
@@ -106,9 +109,12 @@ KERNEL_FUNCTIONS = {"fwd": mt._mta_fwd_kernel, "dkdv": mt._mta_bwd_dkdv_kernel, 
 
 def report_kernel(kernel, head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, bm, bn, warps, stages):
     constexprs = dict(dict(HAS_CONV=has_conv, C_Q=c_q, STRIPE=stripe, C_H=c_h, BM=bm, BN=bn, D=head_dim, DQK=head_dim,
-                           DOT_PRECISION="tf32", PACKED=False, DROPOUT=False, E=e), **flags)
+                           DOT_PRECISION="tf32", PACKED=False, DROPOUT=False, E=e, BAND=0, OWN_VALUES=False), **flags)
+    constexprs["NEAR"] = max(stripe, constexprs["BAND"])
     if kernel in ("dkdv", "dv"):  # the key-major kernels mix their key tiles themselves
         constexprs.update(C_K=c_k, PAD=pad, C_P=1)
+    if kernel == "dv":  # (it takes no dS)
+        del constexprs["BAND"]
     extra = "".join(f" {name.lower()}" for name, on in flags.items() if on)
     label = (f"d={head_dim:<3} conv={'6x11' if has_conv else 'none':<4} c_h={c_h:<2} E={e} BM={bm:<3} BN={bn:<3} "
              f"warps={warps} stages={stages}{extra}")

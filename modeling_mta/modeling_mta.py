@@ -376,6 +376,7 @@ class MTAAttention(nn.Module):
                 head_mix_post_weight=self.head_mix_post.weight if self.head_mix_post is not None else None,
                 key_padding=self.config.key_padding,
                 segments=spans,
+                kq_conv_post_weight=self.kq_conv_post.weight if self.kq_conv_post is not None else None,
                 dropout_p=self.attention_dropout if self.training else 0.0,
                 head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
             )
@@ -449,10 +450,12 @@ class MTAAttention(nn.Module):
                 self.head_dim,
                 tuple(self.kq_conv.weight.shape[-2:]) if self.kq_conv is not None else None,
                 self.config.key_padding,
-                self.kq_conv_post is not None,
+                tuple(self.kq_conv_post.weight.shape[-2:]) if self.kq_conv_post is not None else None,
                 self.head_mix.weight.shape[-1] if self.head_mix is not None else None,
                 self.head_mix_post.weight.shape[-1] if self.head_mix_post is not None else None,
                 query.shape[1] // self.config.num_key_value_heads,
+                decoding=bool(layout.past_len),
+                dropout=self.training and self.attention_dropout > 0,
             )
         if gap is None:
             return self.spans(layout)

@@ -55,15 +55,24 @@ def fused_coverage_gap(
     head_dim: int,
     kq_conv_size: tuple[int, int] | None,
     key_padding: str,
-    has_kq_conv_post: bool,
+    kq_conv_post_size: tuple[int, int] | None,
     head_mix_size: int | None,
     head_mix_post_size: int | None,
     queries_per_key: int = 1,
+    decoding: bool = False,
+    dropout: bool = False,
 ) -> str | None:
-    """None if the fused kernels (training, prefill and decoding alike) compute this configuration, else the name of
-    what they lack. `queries_per_key`: query heads per key/value head (GQA)."""
-    if has_kq_conv_post:
-        return "post-softmax key-query convolution"
+    """None if the fused kernels compute this configuration (in training and prefill, or `decoding` against a cache;
+    with attention `dropout` or without), else the name of what they lack. `queries_per_key`: query heads per
+    key/value head (GQA)."""
+    if kq_conv_post_size is not None:
+        if decoding:
+            return "the post-softmax key-query convolution while decoding"
+        if dropout:
+            return "attention dropout with a post-softmax key-query convolution"
+        c_q, c_k = kq_conv_post_size
+        if c_q > MAX_QUERY_SIZE or c_k > MAX_KEY_SIZE:
+            return f"post-softmax key-query kernel {c_q} x {c_k} (kernel: up to {MAX_QUERY_SIZE} x {MAX_KEY_SIZE})"
     if head_mix_size is not None:
         # Side by side where the group's heads read different key heads, or convolve with kernels of their own.
         side_by_side = queries_per_key % head_mix_size != 0 or kq_conv_size is not None
@@ -425,23 +434,25 @@ def _stripe(rows, cols, STRIPE: tl.constexpr):
 
 
 @triton.jit
-def _clean_key_blocks(rows, rs, re, lo, hi, STRIPE: tl.constexpr, BN: tl.constexpr):
+def _clean_key_blocks(rows, rs, re, lo, hi, NEAR: tl.constexpr, BN: tl.constexpr):
     """Splits the key blocks [lo, hi) of a query block at clean_lo <= clean_hi: the blocks in between lie whole in
-    every row's past, beyond the stripe, so they need no mask and no stripe value. None unless all rows are real."""
+    every row's past, beyond the NEAR offsets next to the diagonal (the stripe, the band), so they need no mask and
+    no stripe value. None unless all rows are real."""
     all_real = tl.min(((rows >= rs) & (rows < re)).to(tl.int32), axis=0) > 0
     start = (tl.max(rs, axis=0) + BN - 1) // BN * BN
-    end = tl.maximum(tl.min(rows, axis=0) - STRIPE + 1, 0) // BN * BN
+    end = tl.maximum(tl.min(rows, axis=0) - NEAR + 1, 0) // BN * BN
     clean_lo = tl.where(all_real, tl.minimum(tl.maximum(lo, start), hi), hi)
     return clean_lo, tl.where(all_real, tl.maximum(tl.minimum(end, hi), clean_lo), hi)
 
 
 @triton.jit
-def _clean_query_blocks(cols, cs, ce, lo, hi, STRIPE: tl.constexpr, BM: tl.constexpr):
+def _clean_query_blocks(cols, cs, ce, lo, hi, NEAR: tl.constexpr, BM: tl.constexpr):
     """Splits the query blocks [lo, hi) of a key block at clean_lo <= clean_hi: each row of the blocks in between
-    sees all of its keys, beyond the stripe. None unless the keys are real and of one segment."""
+    sees all of its keys, beyond the NEAR offsets next to the diagonal. None unless the keys are real and of one
+    segment."""
     one_segment = (tl.min(cs, axis=0) == tl.max(cs, axis=0)) & (
         tl.min(((cols >= cs) & (cols < ce)).to(tl.int32), axis=0) > 0)
-    start = (tl.max(cols, axis=0) + STRIPE + BM - 1) // BM * BM
+    start = (tl.max(cols, axis=0) + NEAR + BM - 1) // BM * BM
     end = tl.min(ce, axis=0) // BM * BM
     clean_lo = tl.where(one_segment, tl.minimum(tl.maximum(lo, start), hi), hi)
     return clean_lo, tl.where(one_segment, tl.maximum(tl.minimum(end, hi), clean_lo), hi)
@@ -471,10 +482,18 @@ def _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, 
 
 
 @triton.jit
-def _value_chunk(h, C_H: tl.constexpr, E: tl.constexpr):
-    """The first value head of this program's chunk: the group of source head h holds C_H value (target)
-    heads, taken E at a time (chunk = program axis 2) where all C_H do not fit side by side."""
-    return h // C_H * C_H + tl.program_id(2) * E
+def _first_value(h, C_H: tl.constexpr, OWN_VALUES: tl.constexpr):
+    """The first of the C_H value heads that source head h multiplies its probabilities with, side by side: its
+    group's (post-softmax head mixing), or with OWN_VALUES its own, at h * C_H (the post-softmax kq conv's mixed
+    values, one set per source head)."""
+    return h * C_H if OWN_VALUES else h // C_H * C_H
+
+
+@triton.jit
+def _value_chunk(h, C_H: tl.constexpr, E: tl.constexpr, OWN_VALUES: tl.constexpr):
+    """The first value head of this program's chunk: source head h's C_H value heads (`_first_value`), taken E at
+    a time (chunk = program axis 2) where all C_H do not fit side by side."""
+    return _first_value(h, C_H, OWN_VALUES) + tl.program_id(2) * E
 
 
 @triton.jit
@@ -511,18 +530,31 @@ def _online_softmax(s, m, l):
 
 
 @triton.jit
+def _near_diagonal(rows, cols, N, BAND: tl.constexpr):
+    """For each entry (i, j) of a tile, its offset i - j below the diagonal and whether it is one of the BAND
+    nearest (0 .. BAND - 1): where the post-softmax kq conv needs the scores (`sband`) and adds their gradient."""
+    offset = rows[:, None] - cols[None, :]
+    return offset, (offset >= 0) & (offset < BAND) & (rows < N)[:, None]
+
+
+@triton.jit
 def _fwd_step(
-    acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b, first,
+    acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, sband_base, v_ptr, seed_ptr, b, first,
     stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
-    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-    DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, MASKED: tl.constexpr,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, BAND: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """The forward's running output, max and sum after the key block at n0."""
+    """The forward's running output, max and sum after the key block at n0; the scores of the BAND offsets next to
+    the diagonal go to sband (B, H, BAND, N) as well, -inf where masked."""
     cols = n0 + tl.arange(0, BN)
     ks = _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV, C_Q, DQK)
     s = _scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED)
     if MASKED:
         s = tl.where(_visible(rows, cols, rs, re), s, float("-inf"))
+        if BAND > 0:
+            offset, near = _near_diagonal(rows, cols, N, BAND)
+            tl.store(sband_base + offset * N + rows[:, None], s, mask=near)
     p, alpha, m_new, l = _online_softmax(s, m, l)
     values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D)
     keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
@@ -531,39 +563,41 @@ def _fwd_step(
 
 @triton.jit
 def _mta_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
+    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, z_ptr, lse_ptr, sband_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, GQA_K, GQA, scale, dropout_p,
-    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, BAND: tl.constexpr, NEAR: tl.constexpr,
+    C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    OWN_VALUES: tl.constexpr,
 ):
     pid, bh, b, h = _program(H)
-    first = _value_chunk(h, C_H, E)
+    first = _value_chunk(h, C_H, E, OWN_VALUES)
     rows = pid * BM + tl.arange(0, BM)
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     k_base = k_ptr + b * stride_kb + (h // GQA_K) * stride_kh
     khat_base = khat_ptr + bh * C_Q * N * DQK
     cband_base = cband_ptr + bh * STRIPE * N
+    sband_base = sband_ptr + bh * BAND * N
     qs = _query_tiles(q_ptr + b * stride_qb + h * stride_qh, rows, rs, re, stride_qn, C_Q, DQK)
 
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, E * D], dtype=tl.float32)
     lo, hi = _key_range(rows, rs, re, N, BN)
-    clean_lo, clean_hi = _clean_key_blocks(rows, rs, re, lo, hi, STRIPE, BN)
+    clean_lo, clean_hi = _clean_key_blocks(rows, rs, re, lo, hi, NEAR, BN)
     for n0 in range(clean_lo, clean_hi, BN):
-        acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b,
-                              first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
-                              HAS_CONV, C_Q, STRIPE, BN, D, DQK, DOT_PRECISION, DROPOUT, E, False)
+        acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, sband_base, v_ptr,
+                              seed_ptr, b, first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
+                              dropout_p, HAS_CONV, C_Q, STRIPE, BAND, BN, D, DQK, DOT_PRECISION, DROPOUT, E, False)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BN)):
         n0 = _masked_block(i, lo, clean_lo, clean_hi, BN)
-        acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, v_ptr, seed_ptr, b,
-                              first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
-                              HAS_CONV, C_Q, STRIPE, BN, D, DQK, DOT_PRECISION, DROPOUT, E, True)
+        acc, m, l = _fwd_step(acc, m, l, qs, n0, rows, rs, re, k_base, khat_base, cband_base, sband_base, v_ptr,
+                              seed_ptr, b, first, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
+                              dropout_p, HAS_CONV, C_Q, STRIPE, BAND, BN, D, DQK, DOT_PRECISION, DROPOUT, E, True)
     has_key = l > 0
     z = acc / tl.where(has_key, l, 1.0)[:, None]
-    c = (first - h // C_H * C_H) * D + tl.arange(0, E * D)  # this chunk's columns of Z
+    c = tl.program_id(2) * E * D + tl.arange(0, E * D)  # this chunk's columns of Z
     tl.store(z_ptr + (bh * N + rows[:, None]) * (C_H * D) + c[None, :], z.to(z_ptr.dtype.element_ty),
              mask=(rows < N)[:, None])
     tl.store(lse_ptr + bh * N + rows, tl.where(has_key, m + tl.log(tl.where(has_key, l, 1.0)), 0.0), mask=rows < N)
@@ -617,13 +651,13 @@ def _dz_tile(dz_ptr, bh, rows, N, C_H: tl.constexpr, chunk, E: tl.constexpr, D: 
 @triton.jit
 def _dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
                        stride_vb, stride_vh, stride_vn, C_H: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, OWN_VALUES: tl.constexpr):
     """dP of a tile over all C_H value heads, E at a time: for groups too wide to hold side by side."""
     dp = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
     # A loop, not unrolled (static_range): unrolled, the dZ tiles of all chunks, invariant over key blocks, were
     # hoisted out of the dQ kernel's key loop together (a group of 16 at d = 128 in float32 asked 240 KB).
     for chunk in range(C_H // E):
-        first = h // C_H * C_H + chunk * E
+        first = _first_value(h, C_H, OWN_VALUES) + chunk * E
         values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D)
         keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
         dp += _dprobs(_dz_tile(dz_ptr, bh, rows, N, C_H, chunk, E, D), values, keep, E, D, DOT_PRECISION, DROPOUT)
@@ -641,12 +675,21 @@ def _dvalues(p, dz, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.co
 
 
 @triton.jit
+def _add_band_grad(ds, dsband_base, rows, cols, N, BAND: tl.constexpr):
+    """dS plus the gradient that the scores next to the diagonal (`sband`) received directly."""
+    if BAND > 0:
+        offset, near = _near_diagonal(rows, cols, N, BAND)
+        ds += tl.load(dsband_base + offset * N + rows[:, None], mask=near, other=0.0)
+    return ds
+
+
+@triton.jit
 def _dkdv_step(
-    dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr, delta_ptr, seg_start_ptr,
-    seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
-    C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-    DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
-    MASKED: tl.constexpr,
+    dks, dvalues, ks, values, m0, cols, q_base, cband_base, dsband_base, dz_ptr, v_ptr, lse_ptr, delta_ptr,
+    seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
+    dropout_p, C_Q: tl.constexpr, STRIPE: tl.constexpr, BAND: tl.constexpr, C_H: tl.constexpr, BM: tl.constexpr,
+    D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr,
+    E: tl.constexpr, OWN_VALUES: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The key-major backward's accumulators after the query block at m0: the gradients of the key tiles (khat_a
     with the convolution) and, for groups held side by side, of the values."""
@@ -664,8 +707,10 @@ def _dkdv_step(
         dvalues += _dvalues(p, dz, keep, C_H, D, DOT_PRECISION, DROPOUT)
     else:
         ds = p * (_dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
-                                     stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT)
+                                     stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT, OWN_VALUES)
                   - delta[:, None])
+    if MASKED:
+        ds = _add_band_grad(ds, dsband_base, rows, cols, N, BAND)
     if MASKED and STRIPE > 0:
         ds = tl.where(_stripe(rows, cols, STRIPE), 0.0, ds)  # the stripe's gradient goes through the band
     ds = ds.to(qs[0].dtype)
@@ -677,13 +722,14 @@ def _dkdv_step(
 
 @triton.jit
 def _mta_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, cband_ptr, theta_ptr, dz_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, cband_ptr, theta_ptr, dz_ptr, lse_ptr, delta_ptr, dsband_ptr,
     dk_ptr, dv_ptr, dtheta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, H_K, H_KV, GQA_K, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
-    C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, C_P: tl.constexpr,
+    BAND: tl.constexpr, NEAR: tl.constexpr, C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    C_P: tl.constexpr, OWN_VALUES: tl.constexpr,
 ):
     """One key block of one source head: gradients of k and theta, and of the group's values when they fit
     side by side (E = C_H; else `_mta_bwd_dv_kernel` makes those)."""
@@ -696,7 +742,8 @@ def _mta_bwd_dkdv_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + kh * stride_kh
     cband_base = cband_ptr + bh * STRIPE * N
-    first = h // C_H * C_H
+    dsband_base = dsband_ptr + bh * BAND * N
+    first = _first_value(h, C_H, OWN_VALUES)
     ks = _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV, C_Q, C_K, PAD, DQK, C_P)
     values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D) if E == C_H else 0.0
     dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
@@ -706,18 +753,18 @@ def _mta_bwd_dkdv_kernel(
     # The queries that see key j are j .. (end of j's segment) - 1.
     lo = (pid * BN) // BM * BM
     hi = tl.max(tl.where(col_ok, ce, 0), axis=0)
-    clean_lo, clean_hi = _clean_query_blocks(cols, cs, ce, lo, hi, STRIPE, BM)
+    clean_lo, clean_hi = _clean_query_blocks(cols, cs, ce, lo, hi, NEAR, BM)
     for m0 in range(clean_lo, clean_hi, BM):
-        dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr,
-                                  delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb,
-                                  stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                                  DQK, DOT_PRECISION, PACKED, DROPOUT, E, False)
+        dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dsband_base, dz_ptr, v_ptr,
+                                  lse_ptr, delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn,
+                                  stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, BAND,
+                                  C_H, BM, D, DQK, DOT_PRECISION, PACKED, DROPOUT, E, OWN_VALUES, False)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BM)):
         m0 = _masked_block(i, lo, clean_lo, clean_hi, BM)
-        dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dz_ptr, v_ptr, lse_ptr,
-                                  delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb,
-                                  stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                                  DQK, DOT_PRECISION, PACKED, DROPOUT, E, True)
+        dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dsband_base, dz_ptr, v_ptr,
+                                  lse_ptr, delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn,
+                                  stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, BAND,
+                                  C_H, BM, D, DQK, DOT_PRECISION, PACKED, DROPOUT, E, OWN_VALUES, True)
 
     if E == C_H:
         _add_dvalues(dv_ptr, dvalues, b, first, cols, col_ok, N, H_KV, GQA, E, D)
@@ -772,14 +819,14 @@ def _mta_bwd_dv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     N, H, H_KV, GQA_K, GQA, scale, dropout_p,
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
-    C_H: tl.constexpr,
+    NEAR: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, C_P: tl.constexpr,
+    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, C_P: tl.constexpr, OWN_VALUES: tl.constexpr,
 ):
     """For groups too wide to hold side by side: one key block of one source head, the gradients of one
     chunk of E of its group's values (P^T dZ_e, P recomputed)."""
     pid, bh, b, h = _program(H)
-    first = _value_chunk(h, C_H, E)
+    first = _value_chunk(h, C_H, E, OWN_VALUES)
     chunk = tl.program_id(2)
     cols = pid * BN + tl.arange(0, BN)
     cs, ce = _segments(seg_start_ptr, seg_end_ptr, b, cols, N, PACKED)
@@ -791,7 +838,7 @@ def _mta_bwd_dv_kernel(
     dvalues = tl.zeros([BN, E * D], dtype=tl.float32)
     lo = (pid * BN) // BM * BM
     hi = tl.max(tl.where(col_ok, ce, 0), axis=0)
-    clean_lo, clean_hi = _clean_query_blocks(cols, cs, ce, lo, hi, STRIPE, BM)
+    clean_lo, clean_hi = _clean_query_blocks(cols, cs, ce, lo, hi, NEAR, BM)
     for m0 in range(clean_lo, clean_hi, BM):
         dvalues = _dv_step(dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
                            seed_ptr, bh, b, first, chunk, stride_qn, N, H, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
@@ -806,11 +853,11 @@ def _mta_bwd_dv_kernel(
 
 @triton.jit
 def _dq_step(
-    dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr, seed_ptr, bh, b, h, lse,
-    delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
-    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr, BN: tl.constexpr,
-    D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
-    MASKED: tl.constexpr,
+    dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, dsband_base, v_ptr, dz_ptr, seed_ptr,
+    bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, BAND: tl.constexpr, C_H: tl.constexpr,
+    BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    E: tl.constexpr, OWN_VALUES: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The query-major backward's accumulators (the gradient of each query tile) after the key block at n0; on the
     stripe, dC goes to dcband instead."""
@@ -819,13 +866,16 @@ def _dq_step(
     p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED),
                lse, rows, cols, rs, re, MASKED)
     if E == C_H:
-        values = _value_tile(v_ptr, b, h // C_H * C_H, cols, stride_vb, stride_vh, stride_vn, N, GQA, C_H, D)
+        values = _value_tile(v_ptr, b, _first_value(h, C_H, OWN_VALUES), cols, stride_vb, stride_vh, stride_vn, N,
+                             GQA, C_H, D)
         keep = _dropout_scale(seed_ptr, b, h // C_H * C_H, rows, cols, N, H, dropout_p, C_H) if DROPOUT else 0.0
         dp = _dprobs(dz, values, keep, C_H, D, DOT_PRECISION, DROPOUT)
     else:
         dp = _dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
-                                stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT)
+                                stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT, OWN_VALUES)
     ds = p * (dp - delta[:, None])
+    if MASKED:
+        ds = _add_band_grad(ds, dsband_base, rows, cols, N, BAND)
     if MASKED and STRIPE > 0:
         stripe = _stripe(rows, cols, STRIPE) & (rows < N)[:, None]
         t = cols[None, :] - rows[:, None] + (STRIPE - 1)
@@ -840,13 +890,14 @@ def _dq_step(
 
 @triton.jit
 def _mta_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, delta_ptr, dq_ptr, dcband_ptr, seg_start_ptr, seg_end_ptr,
-    seed_ptr,
+    q_ptr, k_ptr, v_ptr, khat_ptr, cband_ptr, dz_ptr, lse_ptr, delta_ptr, dsband_ptr, dq_ptr, dcband_ptr, seg_start_ptr,
+    seg_end_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, GQA_K, GQA, scale, dropout_p,
-    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    HAS_CONV: tl.constexpr, C_Q: tl.constexpr, STRIPE: tl.constexpr, BAND: tl.constexpr, NEAR: tl.constexpr,
+    C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
+    OWN_VALUES: tl.constexpr,
 ):
     """One query block of one source head: the gradient of q, and the stripe's share of dC."""
     pid, bh, b, h = _program(H)
@@ -857,6 +908,7 @@ def _mta_bwd_dq_kernel(
     khat_base = khat_ptr + bh * C_Q * N * DQK
     cband_base = cband_ptr + bh * STRIPE * N
     dcband_base = dcband_ptr + bh * STRIPE * N
+    dsband_base = dsband_ptr + bh * BAND * N
     qs = _query_tiles(q_ptr + b * stride_qb + h * stride_qh, rows, rs, re, stride_qn, C_Q, DQK)
     dz = _dz_tile(dz_ptr, bh, rows, N, C_H, 0, C_H, D) if E == C_H else 0.0
     lse = tl.load(lse_ptr + bh * N + rows, mask=rows < N, other=0.0)
@@ -866,16 +918,18 @@ def _mta_bwd_dq_kernel(
     for a in tl.static_range(C_Q):
         dqs = dqs + (tl.zeros([BM, DQK], dtype=tl.float32),)
     lo, hi = _key_range(rows, rs, re, N, BN)
-    clean_lo, clean_hi = _clean_key_blocks(rows, rs, re, lo, hi, STRIPE, BN)
+    clean_lo, clean_hi = _clean_key_blocks(rows, rs, re, lo, hi, NEAR, BN)
     for n0 in range(clean_lo, clean_hi, BN):
-        dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr,
-                       seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
-                       dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DQK, DOT_PRECISION, DROPOUT, E, False)
+        dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, dsband_base, v_ptr,
+                       dz_ptr, seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA,
+                       scale, dropout_p, HAS_CONV, C_Q, STRIPE, BAND, C_H, BN, D, DQK, DOT_PRECISION, DROPOUT, E,
+                       OWN_VALUES, False)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BN)):
         n0 = _masked_block(i, lo, clean_lo, clean_hi, BN)
-        dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, v_ptr, dz_ptr,
-                       seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
-                       dropout_p, HAS_CONV, C_Q, STRIPE, C_H, BN, D, DQK, DOT_PRECISION, DROPOUT, E, True)
+        dqs = _dq_step(dqs, qs, dz, n0, rows, rs, re, k_base, khat_base, cband_base, dcband_base, dsband_base, v_ptr,
+                       dz_ptr, seed_ptr, bh, b, h, lse, delta, stride_kn, stride_vb, stride_vh, stride_vn, N, H, GQA,
+                       scale, dropout_p, HAS_CONV, C_Q, STRIPE, BAND, C_H, BN, D, DQK, DOT_PRECISION, DROPOUT, E,
+                       OWN_VALUES, True)
 
     dq_base = dq_ptr + bh * N * DQK
     for a in tl.static_range(C_Q):
@@ -981,7 +1035,7 @@ def _mta_decode_kernel(
     rows = pid * BM + tl.arange(0, BM)
     pos = L - M + rows
     start = tl.load(start_ptr + b)
-    first = _value_chunk(h, C_H, E)
+    first = _value_chunk(h, C_H, E, False)
     row_ok = (rows < M) & (pos >= start)
     d = tl.arange(0, DQK)
     k_base = k_ptr + b * stride_kb + (h // GQA_K) * stride_kh
@@ -1012,7 +1066,7 @@ def _mta_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
         m = m_new
     z = acc / tl.where(l > 0, l, 1.0)[:, None]
-    c = (first - h // C_H * C_H) * D + tl.arange(0, E * D)
+    c = tl.program_id(2) * E * D + tl.arange(0, E * D)
     tl.store(z_ptr + (bh * M + rows[:, None]) * (C_H * D) + c[None, :], z.to(z_ptr.dtype.element_ty),
              mask=(rows < M)[:, None])
 
@@ -1146,7 +1200,7 @@ def _launch(kernel, grid, args, tiling, constants):
 class _Launch:
     """What the kernels of one call are compiled and launched with, from the shapes of its inputs."""
 
-    def __init__(self, q, v, theta, key_padding, c_h, seg_start, dropout_p):
+    def __init__(self, q, v, theta, key_padding, c_h, seg_start, dropout_p, band=0):
         self.has_conv = theta is not None
         self.c_q, self.c_k = theta.shape[-2:] if self.has_conv else (1, 1)
         self.pad = key_padding_left(key_padding, self.c_k) if self.has_conv else 0
@@ -1155,6 +1209,9 @@ class _Launch:
         # their own.
         self.c_p = q.shape[-1] // v.shape[-1] if self.has_conv else 1
         self.c_h = c_h
+        # The post-softmax kq conv gives each source head c_h value heads of its own (`_post_conv_values`).
+        own_values = c_h > 1 and v.shape[1] == q.shape[1] * c_h
+        self.value_share = 1 if own_values else q.shape[1] // v.shape[1]
         self.e = value_chunk(c_h, v.shape[-1])
         self.chunks = c_h // self.e
         # q and k are wider than the values (c_p * d) with pre-softmax head mixing (`_premixed`): the scale is the
@@ -1162,9 +1219,9 @@ class _Launch:
         self.scale = 1.0 / math.sqrt(v.shape[-1])
         self.head_dim, self.element_size, self.dropout = q.shape[-1], q.element_size(), dropout_p > 0
         self.constants = dict(
-            HAS_CONV=self.has_conv, C_Q=self.c_q, STRIPE=self.stripe, C_H=c_h, D=v.shape[-1], DQK=q.shape[-1],
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACKED=seg_start.shape[-1] > 1,
-            DROPOUT=dropout_p > 0, E=self.e,
+            HAS_CONV=self.has_conv, C_Q=self.c_q, STRIPE=self.stripe, BAND=band, NEAR=max(self.stripe, band), C_H=c_h,
+            D=v.shape[-1], DQK=q.shape[-1], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            PACKED=seg_start.shape[-1] > 1, DROPOUT=dropout_p > 0, E=self.e, OWN_VALUES=own_values,
         )
 
     def tiling(self, kernel: str) -> tuple[int, int, int, int]:
@@ -1176,39 +1233,47 @@ def _strides(q, k, v):
             v.stride(0), v.stride(1), v.stride(2))
 
 
-def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
-    """Z (B, H, N, c_h * d): each source head's probabilities times the values of its group, side by side
-    (through each target head's dropout mask); and the rows' log-sum-exp (B, H, N), float32."""
+def _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed, band=0):
+    """Z (B, H, N, c_h * d): each source head's probabilities times the values of its group (or its own c_h value
+    heads, v (B, H * c_h, N, d)), side by side (through each target head's dropout mask); the rows' log-sum-exp
+    (B, H, N); and the scores S[i, i - t] of the `band` offsets t next to the diagonal (B, H, band, N), -inf where
+    masked; both float32."""
     batch, heads, n, _ = q.shape
-    run = _Launch(q, v, theta, key_padding, c_h, seg_start, dropout_p)
+    run = _Launch(q, v, theta, key_padding, c_h, seg_start, dropout_p, band)
     theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
     khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
     z = _output((batch, heads, n, c_h * v.shape[-1]), q)
     lse = _output((batch, heads, n), q, torch.float32)
+    # Masked entries are never written: -inf from the start.
+    sband = torch.full((batch, heads, band, n), float("-inf"), device=q.device, dtype=torch.float32)
     _launch(_mta_fwd_kernel, lambda bm, bn: _grid(n, bm, batch * heads, run.chunks),
-            (q, k, v, khat, cband, z, lse, seg_start, seg_end, seed, *_strides(q, k, v),
-             n, heads, heads // k.shape[1], heads // v.shape[1], run.scale, dropout_p), run.tiling("fwd"),
+            (q, k, v, khat, cband, z, lse, sband, seg_start, seg_end, seed, *_strides(q, k, v),
+             n, heads, heads // k.shape[1], run.value_share, run.scale, dropout_p), run.tiling("fwd"),
             run.constants)
-    return z, lse
+    return z, lse, sband
 
 
-def _fused_backward(dz, delta, q, k, v, theta, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
+def _fused_backward(dz, delta, q, k, v, theta, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed,
+                    dsband=None):
     """Gradients of q, k, v (in their dtypes) and of theta (float32; empty without a convolution), from dZ and delta
-    (per row, the sum of dZ * Z in float32).
+    (per row, the sum of dZ * Z in float32) and the gradient of the scores next to the diagonal (`_fused_forward`'s
+    sband), if any.
 
     Ordered for peak memory: khat (c_q times the keys) lives only through the query-major kernel, and the float32
     dQ is cast down before the key-major kernels (which mix their key tiles themselves) add to dK and dV."""
     batch, heads, n, head_dim = q.shape
     k_heads, v_heads = k.shape[1], v.shape[1]
-    run = _Launch(q, v, theta, key_padding, c_h, seg_start, dropout_p)
+    band = dsband.shape[2] if dsband is not None else 0
+    dsband = dsband.contiguous() if dsband is not None else q.new_zeros(1, dtype=torch.float32)
+    run = _Launch(q, v, theta, key_padding, c_h, seg_start, dropout_p, band)
     dz = dz.to(q.dtype).contiguous()
     theta32 = theta.float().contiguous() if run.has_conv else q.new_zeros(1, dtype=torch.float32)
     khat, cband = _conv_inputs(q, k, theta32, run, seg_start, seg_end)
     dq = torch.zeros(batch, heads, n, head_dim, device=q.device, dtype=torch.float32)
     dcband = torch.zeros_like(cband)
     _launch(_mta_bwd_dq_kernel, lambda bm, bn: _grid(n, bm, batch * heads),
-            (q, k, v, khat, cband, dz, lse, delta, dq, dcband, seg_start, seg_end, seed, *_strides(q, k, v),
-             n, heads, heads // k_heads, heads // v_heads, run.scale, dropout_p), run.tiling("dq"), run.constants)
+            (q, k, v, khat, cband, dz, lse, delta, dsband, dq, dcband, seg_start, seg_end, seed, *_strides(q, k, v),
+             n, heads, heads // k_heads, run.value_share, run.scale, dropout_p), run.tiling("dq"), run.constants)
     del khat
     dk = torch.zeros(batch, k_heads, n, head_dim, device=q.device, dtype=torch.float32)
     dtheta = torch.zeros_like(theta32)
@@ -1228,15 +1293,15 @@ def _fused_backward(dz, delta, q, k, v, theta, lse, key_padding, c_h, seg_start,
     dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
     key_constants = dict(run.constants, C_K=run.c_k, PAD=run.pad, C_P=run.c_p)
     _launch(_mta_bwd_dkdv_kernel, lambda bm, bn: _grid(n, bn, batch * heads),
-            (q, k, v, cband, theta32, dz, lse, delta, dk, dv, dtheta, seg_start, seg_end, seed, *_strides(q, k, v),
-             n, heads, k_heads, v_heads, heads // k_heads, heads // v_heads, run.scale, dropout_p),
+            (q, k, v, cband, theta32, dz, lse, delta, dsband, dk, dv, dtheta, seg_start, seg_end, seed,
+             *_strides(q, k, v), n, heads, k_heads, v_heads, heads // k_heads, run.value_share, run.scale, dropout_p),
             run.tiling("dkdv"), key_constants)
     if run.chunks > 1:
         _launch(_mta_bwd_dv_kernel, lambda bm, bn: _grid(n, bn, batch * heads, run.chunks),
                 (q, k, theta32, cband, dz, lse, dv, seg_start, seg_end, seed,
                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                 n, heads, v_heads, heads // k_heads, heads // v_heads, run.scale, dropout_p), run.tiling("dv"),
-                key_constants)
+                 n, heads, v_heads, heads // k_heads, run.value_share, run.scale, dropout_p), run.tiling("dv"),
+                {name: value for name, value in key_constants.items() if name != "BAND"})  # (it takes no dS)
     dtheta = dtheta.to(theta.dtype) if run.has_conv else q.new_empty(0)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dtheta
 
@@ -1261,31 +1326,33 @@ _NAMESPACE = "mta_" + re.sub(r"\W", "_", __name__)
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, mix: torch.Tensor | None,
     key_padding: str, c_h: int, seg_start: torch.Tensor, seg_end: torch.Tensor, dropout_p: float, seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output, z, lse). With post-softmax head mixing (`mix`), z is what the kernels made (`_fused_forward`) and
-    the output its mixture; without, the output is z itself and the z returned is empty (an operator's outputs
-    may not alias)."""
+    band: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, z, lse, sband). With post-softmax head mixing (`mix`), z is what the kernels made (`_fused_forward`)
+    and the output its mixture; without, the output is z itself and the z returned is empty (an operator's outputs
+    may not alias). lse and sband (the scores of the `band` offsets next to the diagonal) take gradients: the
+    post-softmax kq conv recomputes probabilities from them."""
     # The kernels pick their own precisions; autocast would recast the few torch operations around them.
     with torch.autocast(q.device.type, enabled=False):
-        z, lse = _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed)
+        z, lse, sband = _fused_forward(q, k, v, theta, key_padding, c_h, seg_start, seg_end, dropout_p, seed, band)
         if mix is None:
-            return z, z.new_empty(0), lse
-        return _mix_forward(z, mix, v.shape[-1]), z, lse
+            return z, z.new_empty(0), lse, sband
+        return _mix_forward(z, mix, v.shape[-1]), z, lse, sband
 
 
 @_attention_op.register_fake
-def _(q, k, v, theta, mix, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
+def _(q, k, v, theta, mix, key_padding, c_h, seg_start, seg_end, dropout_p, seed, band):
     rows = (*q.shape[:3],)
     z = q.new_empty(*rows, c_h * v.shape[3]) if mix is not None else q.new_empty(0)
-    return q.new_empty(*rows, v.shape[3] if mix is not None else c_h * v.shape[3]), z, q.new_empty(rows,
-                                                                                                   dtype=torch.float32)
+    out = q.new_empty(*rows, v.shape[3] if mix is not None else c_h * v.shape[3])
+    return out, z, q.new_empty(rows, dtype=torch.float32), q.new_empty(*rows[:2], band, rows[2], dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
 def _attention_backward_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
-    mix: torch.Tensor | None, z: torch.Tensor, lse: torch.Tensor, key_padding: str, c_h: int, seg_start: torch.Tensor,
-    seg_end: torch.Tensor, dropout_p: float, seed: torch.Tensor,
+    dout: torch.Tensor, dlse: torch.Tensor | None, dsband: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, theta: torch.Tensor | None, mix: torch.Tensor | None, z: torch.Tensor, lse: torch.Tensor,
+    key_padding: str, c_h: int, seg_start: torch.Tensor, seg_end: torch.Tensor, dropout_p: float, seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v, theta and mix (the last two empty where absent)."""
     with torch.autocast(q.device.type, enabled=False):
@@ -1293,13 +1360,18 @@ def _attention_backward_op(
             dz, delta, dmix = dout, _rowwise_dot(dout, z), q.new_empty(0)
         else:
             dz, delta, dmix = _mix_backward(dout, z, mix)
+        if dlse is not None:
+            # lse's gradient reaches each score as dlse * P: the same as lowering delta (dS = P (dP - delta)).
+            delta = delta - dlse
+        if dsband is not None and dsband.shape[2] == 0:
+            dsband = None
         dq, dk, dv, dtheta = _fused_backward(dz, delta, q, k, v, theta, lse, key_padding, c_h, seg_start, seg_end,
-                                             dropout_p, seed)
+                                             dropout_p, seed, dsband)
         return dq, dk, dv, dtheta, dmix
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, theta, mix, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
+def _(dout, dlse, dsband, q, k, v, theta, mix, z, lse, key_padding, c_h, seg_start, seg_end, dropout_p, seed):
     # Contiguous, whatever the inputs' strides, as the kernels write them.
     dtheta = theta.new_empty(theta.shape) if theta is not None else q.new_empty(0)
     dmix = mix.new_empty(mix.shape) if mix is not None else q.new_empty(0)
@@ -1307,19 +1379,20 @@ def _(dout, q, k, v, theta, mix, z, lse, key_padding, c_h, seg_start, seg_end, d
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, theta, mix, key_padding, c_h, seg_start, seg_end, dropout_p, seed = inputs
-    out, z, lse = output
+    q, k, v, theta, mix, key_padding, c_h, seg_start, seg_end, dropout_p, seed, band = inputs
+    out, z, lse, sband = output
     ctx.save_for_backward(q, k, v, theta, mix, out if mix is None else z, lse, seg_start, seg_end, seed)
     ctx.key_padding, ctx.c_h, ctx.dropout_p = key_padding, c_h, dropout_p
-    ctx.mark_non_differentiable(z, lse)
+    ctx.mark_non_differentiable(z)
 
 
-def _attention_backward(ctx, dout, _dz, _dlse):
+def _attention_backward(ctx, dout, _dz, dlse, dsband):
     q, k, v, theta, mix, z, lse, seg_start, seg_end, seed = ctx.saved_tensors
-    dq, dk, dv, dtheta, dmix = _attention_backward_op(dout, q, k, v, theta, mix, z, lse, ctx.key_padding, ctx.c_h,
-                                                      seg_start, seg_end, ctx.dropout_p, seed)
+    dq, dk, dv, dtheta, dmix = _attention_backward_op(dout, dlse, dsband, q, k, v, theta, mix, z, lse,
+                                                      ctx.key_padding, ctx.c_h, seg_start, seg_end, ctx.dropout_p,
+                                                      seed)
     return (dq, dk, dv, dtheta if theta is not None else None, dmix if mix is not None else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_save_for_backward)
@@ -1420,6 +1493,7 @@ def mta_attention_fused(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     head_mix_weight: torch.Tensor | None = None,
+    kq_conv_post_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal MTA attention core, fused: the output (B, H, N, d) of `mta_reference.mta_attention`.
 
@@ -1429,7 +1503,8 @@ def mta_attention_fused(
     (B, 1) tensors, one span per row, its real tokens between padding (`row_segments`). Default: whole rows.
     Covers a pre-softmax kq conv (c_q <= 8, c_k <= 15), post-softmax head mixing in groups of any size
     (all heads included; beyond 4 the group's value heads are taken `value_chunk` at a time), and pre-softmax
-    head mixing (`head_mix_weight`, (H / c_p, c_p, c_p)), with or without a kq conv (`_premixed`).
+    head mixing (`head_mix_weight`, (H / c_p, c_p, c_p)), with or without a kq conv (`_premixed`), and a
+    post-softmax kq conv (`kq_conv_post_weight`, (H, 1, c_q', c_k'), up to the same sizes; not with dropout).
     `dropout_p` drops entries of the final attention maps (after head mixing) as the reference does in
     training; the masks follow from `dropout_seed` (`dropout_keep_scale` makes them), by default drawn
     from torch's generator.
@@ -1439,7 +1514,8 @@ def mta_attention_fused(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if k.shape[1] == 0 or heads % k.shape[1]:
         raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")
-    _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding)
+    _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, kq_conv_post_weight,
+                    dropout=dropout_p > 0)
     device = q.device
     if segments is None:
         segments = row_segments(torch.zeros(batch, device=device), torch.full((batch,), n, device=device))
@@ -1458,10 +1534,92 @@ def mta_attention_fused(
         seed = torch.randint(2**31 - 1, (1,), device=device, dtype=torch.int64)
     else:
         seed = torch.full((1,), dropout_seed or 0, device=device, dtype=torch.int64)
-    out, _, _ = _attention_op(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, group, seg_start, seg_end,
-                              float(dropout_p), seed)
+    if kq_conv_post_weight is not None:
+        return _post_conv_attention(q, k, v, kq_conv_weight, kq_conv_post_weight, head_mix_post_weight, key_padding,
+                                    group, seg_start, seg_end, seed)
+    out, _, _, _ = _attention_op(q, k, v, kq_conv_weight, head_mix_post_weight, key_padding, group, seg_start,
+                                 seg_end, float(dropout_p), seed, 0)
     return out
 
+
+# The post-softmax kq conv (MTA_SPEC section 5). Per source head c and target head e of its group (e = c without head
+# mixing), the output is O_e[i] = sum_c W[c, e] sum_j A'_c[i, j] V_e[j] with A'_c = conv'_c(P_c) kept to j <= i. With
+# the values mixed by the kernel, vhat_{c,a,e}[j'] = sum_b theta'_c[a, b] V_e[j' + p' - b], and Y_{c,a,e} = P_c vhat_{c,a,e}
+# (the kernels, each source head with c_q' x n_e value heads of its own), that is
+#     O_e[i] = sum_c W[c, e] (sum_a Y_{c,a,e}[i - s_a] - R_{c,e}[i]),   s_a = c_q' - 1 - a,
+# where R takes out what vhat holds beyond the diagonal: the terms whose value V[m] has m > i. Those come from the
+# p' probabilities next to the diagonal of rows i - s_a (only for s_a < p'), which the kernel hands over as scores
+# (sband) with the rows' log-sum-exp, so R is O(N p') and autograd carries its gradient back into the kernels.
+
+
+def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, seg_start, seg_end, seed):
+    """The attention output (B, H, N, d) with a post-softmax kq conv (theta_post (H, 1, c_q', c_k')) and then the
+    post-softmax head mixing `mix`, if any; `group` is the kernels' group size (`_kernel_group`: 1 where a group's
+    value heads are one)."""
+    heads, n = q.shape[1], q.shape[2]
+    c_q, c_k = theta_post.shape[-2:]
+    left = key_padding_left(key_padding, c_k)
+    weights = mix.float() if mix is not None else torch.ones(heads, 1, 1, device=q.device)
+    groups, c_h = weights.shape[0], weights.shape[-1]
+    theta32 = theta_post.float()
+    targets = v.repeat_interleave(heads // v.shape[1], dim=1)  # (B, H, N, d): each target head's values
+    vhat = _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end)
+    y, _, lse, sband = _attention_op(q, k, vhat.to(v.dtype), theta, None, key_padding, c_q * group, seg_start,
+                                     seg_end, 0.0, seed, left)
+    y = y.float().unflatten(-1, (c_q, group, -1))  # (B, H, N, c_q', n_e, d)
+    beyond = _beyond_diagonal(torch.exp(sband - lse[:, :, None, :]), theta32, left)  # (B, H, c_q', p', N)
+    rows = torch.arange(n, device=q.device)
+    shifted, held = 0.0, 0.0
+    for a in range(c_q):
+        s = c_q - 1 - a
+        # Row i reads row i - s_a of its own segment (rolled rows that wrap around are never kept); padding stays 0.
+        keep = ((rows - s >= seg_start) & (rows < seg_end)).float()[:, None]  # (B, 1, N)
+        shifted = shifted + torch.roll(y[:, :, :, a], s, dims=2) * keep[..., None, None]
+        held = held + torch.roll(beyond[:, :, a], s, dims=-1) * keep[:, :, None]
+    # Mixed over each group's source heads: the output, and R's coefficient of V_e[i + m] (held[:, :, m - 1, i]).
+    by_group = shifted.unflatten(1, (groups, c_h))
+    if group == 1:
+        out = torch.einsum("bgcnd,gce->bgend", by_group[..., 0, :], weights)
+    else:
+        out = torch.einsum("bgcned,gce->bgend", by_group, weights)
+    out = out.flatten(1, 2)
+    held = torch.einsum("bgcmn,gce->bgemn", held.unflatten(1, (groups, c_h)), weights).flatten(1, 2)
+    for m in range(1, left + 1):
+        ahead = (rows + m < seg_end).float()[:, None]  # key i + m in row i's segment
+        out = out - (held[:, :, m - 1] * ahead)[..., None] * torch.roll(targets, -m, dims=2).float()
+    return out.to(q.dtype)
+
+
+def _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end):
+    """vhat (B, H * c_q' * n_e, N, d): for source head h, kernel row a and value head e of n_e = `group` (its group's
+    c_h target heads, or where they are one, h's), vhat[j] = sum_t theta'_h[a, t] V_e[j + left - t], V_e zero
+    outside j's segment. Source head h's values are h * c_q' * n_e + a * n_e + e."""
+    heads, n = targets.shape[1], targets.shape[2]
+    c_q, c_k = theta32.shape[-2:]
+    source = torch.arange(heads, device=targets.device)[:, None]
+    value_heads = source // c_h * c_h + torch.arange(group, device=targets.device) if group > 1 else source
+    rows = torch.arange(n, device=targets.device)
+    vhat = 0.0
+    for t in range(c_k):
+        src = rows + left - t
+        inside = ((src >= seg_start) & (src < seg_end)).to(targets.dtype)[:, None, :, None]
+        shifted = (targets[:, :, src.clamp(0, n - 1)] * inside)[:, value_heads]  # (B, H, n_e, N, d)
+        vhat = vhat + theta32[None, :, 0, :, t, None, None, None] * shifted[:, :, None].float()
+    return vhat.flatten(1, 3)
+
+
+def _beyond_diagonal(near, theta32, left):
+    """(B, H, c_q', p', N): entry (a, m - 1, r) is the weight that Y_a's row r (its vhat) gave V[r + s_a + m], a key
+    beyond the diagonal of output row r + s_a: sum over t of P[r, r - t] theta'[a, p' - s_a - m - t]. near (B, H, p',
+    N) holds P[r, r - t]."""
+    c_q = theta32.shape[-2]
+    device = near.device
+    a = torch.arange(c_q, device=device)[:, None, None]
+    t = torch.arange(left, device=device)[None, :, None]
+    m = torch.arange(1, left + 1, device=device)[None, None, :]
+    tap = left - (c_q - 1 - a) - m - t  # (c_q', p', p'): the kernel column, where >= 0
+    coefficients = theta32[:, 0][:, a, tap.clamp(min=0)] * (tap >= 0)  # (H, c_q', t, m)
+    return torch.einsum("bhtn,hatm->bhamn", near, coefficients)
 
 
 def mta_decode_fused(
@@ -1486,7 +1644,7 @@ def mta_decode_fused(
     put side by side from the cache at each call (a copy of the layer's cache) against the wide queries.
     """
     heads, head_dim = q_rows.shape[1], q_rows.shape[3]
-    _check_coverage(q_rows, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding)
+    _check_coverage(q_rows, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, decoding=True)
     q_rows, k, v = _in_autocast_dtype(q_rows, k, v)
     if head_mix_weight is not None:
         q_rows, k = _premixed(q_rows, k, head_mix_weight, convolved=kq_conv_weight is not None)
@@ -1577,11 +1735,15 @@ def dropout_keep_scale(batch: int, heads: int, n: int, c_h: int, dropout_p: floa
     return out
 
 
-def _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding):
-    gap = fused_coverage_gap(q.shape[-1], tuple(kq_conv_weight.shape[-2:]) if kq_conv_weight is not None else None,
-                             key_padding, False, head_mix_weight.shape[-1] if head_mix_weight is not None else None,
+def _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, kq_conv_post_weight=None,
+                    decoding=False, dropout=False):
+    def size(conv):
+        return tuple(conv.shape[-2:]) if conv is not None else None
+
+    gap = fused_coverage_gap(q.shape[-1], size(kq_conv_weight), key_padding, size(kq_conv_post_weight),
+                             head_mix_weight.shape[-1] if head_mix_weight is not None else None,
                              head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None,
-                             q.shape[1] // k.shape[1])
+                             q.shape[1] // k.shape[1], decoding, dropout)
     if gap is not None:
         raise ValueError(f"the fused MTA kernel does not cover {gap}")
 

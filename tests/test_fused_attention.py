@@ -40,12 +40,13 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def check_against_reference(
     batch=2, heads=4, kv_heads=2, n=37, head_dim=16, size=(3, 5), padding="both", group=2,
     dtype=torch.float32, starts=None, ends=None, documents=None, per_token=False, dropout=0.0, seed=0, premix=None,
-    looser=None,
+    post=None, looser=None,
 ):
     """Fused against the reference run on each span alone: a row's real tokens [starts[b], ends[b]) (padding
     around them; given per row, or with `per_token` per token), or with `documents` (per row, the begin of each
     of its packed documents) every document. `group` is the post-softmax head-mixing group, `premix` the
-    pre-softmax one. `looser` multiplies the dtype's tolerance for the errors it names."""
+    pre-softmax one, `post` the post-softmax kq conv's size. `looser` multiplies the dtype's tolerance for the errors
+    it names."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
 
     def rand(*shape, spread=1.0):
@@ -59,6 +60,7 @@ def check_against_reference(
     theta = rand(heads, 1, *size, spread=1.5 / math.prod(size) ** 0.5) if size else None
     mix = rand(heads // group, group, group, spread=0.7) if group else None
     premix_weight = rand(heads // premix, premix, premix, spread=0.7) if premix else None
+    post_theta = rand(heads, 1, *post, spread=1.5 / math.prod(post) ** 0.5) if post else None
     if documents is None:
         starts, ends = starts or [0] * batch, ends or [n] * batch
         segments = mta_triton.row_segments(torch.tensor(starts), torch.tensor(ends))
@@ -71,24 +73,24 @@ def check_against_reference(
             begins[row, row_begins] = True
         segments = mta_triton.document_segments(begins)
         spans = [list(zip(row, row[1:] + [n])) for row in documents]
-    weights = {"dtheta": theta, "dmix": mix, "dpremix": premix_weight}
+    weights = {"dtheta": theta, "dmix": mix, "dpremix": premix_weight, "dpost": post_theta}
     inputs = [q, k, v] + [t for t in weights.values() if t is not None]
 
     out = mta_triton.mta_attention_fused(q, k, v, theta, mix, padding, segments, dropout_p=dropout, dropout_seed=99,
-                                         head_mix_weight=premix_weight)
+                                         head_mix_weight=premix_weight, kq_conv_post_weight=post_theta)
     grad_out = torch.randn(out.shape, generator=generator, device=DEVICE).to(dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
 
     wide = [t.detach().double().requires_grad_() for t in inputs]
     q64, k64, v64 = wide[:3]
     given = iter(wide[3:])
-    theta64, mix64, premix64 = (next(given) if t is not None else None for t in weights.values())
+    theta64, mix64, premix64, post64 = (next(given) if t is not None else None for t in weights.values())
     ref = q64.new_zeros(batch, heads, n, head_dim)
     for row, row_spans in enumerate(spans):
         for begin, end in row_spans:
             part = (slice(row, row + 1), slice(None), slice(begin, end))
             causal = torch.ones(end - begin, end - begin, dtype=torch.bool, device=DEVICE).tril()
-            ref[part], probs = mta_attention(q64[part], k64[part], v64[part], causal, theta64, None, premix64, mix64,
+            ref[part], probs = mta_attention(q64[part], k64[part], v64[part], causal, theta64, post64, premix64, mix64,
                                              key_padding=padding)
             if dropout:  # the reference's maps through the kernel's masks
                 keep = mta_triton.dropout_keep_scale(batch, heads, n, group or 1, dropout, 99, DEVICE)
@@ -137,7 +139,7 @@ def test_every_tiling_computes_the_same_function(tiles, monkeypatch):
     monkeypatch.setattr(mta_triton, "TILES_OVERRIDE", tiles)
     check_against_reference(n=45, starts=[0, 7], ends=[45, 33])
     check_against_reference(n=45, size=None, starts=[3, 0], ends=[45, 40])
-    check_against_reference(n=45, documents=[[0, 20, 21], [0, 9, 40]])
+    check_against_reference(n=45, documents=[[0, 20, 21], [0, 9, 40]], post=(3, 5))
 
 
 PACKED_CASES = [
@@ -191,6 +193,21 @@ PREMIX_CASES = [
 
 @pytest.mark.parametrize("case", PREMIX_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_pre_softmax_head_mixing_matches_the_reference(case):
+    check_against_reference(**{"starts": [0, 5], "ends": [37, 30], **case})
+
+
+POST_CONV_CASES = [
+    dict(post=(3, 5), size=None, group=None),  # alone: p' = 2 offsets next to the diagonal taken out again
+    dict(post=(2, 3)),  # after a kq conv, then head mixing (GQA 2: the group's value heads are one)
+    dict(post=(3, 5), kv_heads=4, size=(2, 3), padding="left"),  # head mixing over two value heads; p' = 4
+    dict(post=(2, 5), padding="right", size=None),  # p' = 0: nothing beyond the diagonal
+    dict(post=(3, 5), documents=[[0, 9, 20], [0, 30]], size=(2, 3)),
+    dict(post=(3, 5), kv_heads=4, premix=2, group=2),  # every MTA operation in one layer
+]
+
+
+@pytest.mark.parametrize("case", POST_CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_post_softmax_kq_conv_matches_the_reference(case):
     check_against_reference(**{"starts": [0, 5], "ends": [37, 30], **case})
 
 
@@ -372,19 +389,23 @@ def test_rows_that_are_all_padding_give_zero_and_no_nan():
 
 def test_coverage_gaps_are_named():
     gap = mta_triton.fused_coverage_gap
-    assert gap(64, (6, 11), "both", False, None, 2) is None
-    assert "post-softmax key-query convolution" in gap(64, (6, 11), "both", True, None, 2)
-    assert gap(128, (6, 11), "both", False, None, 16) is None
-    assert "9 x 11" in gap(64, (9, 11), "both", False, None, None)
-    assert "head_dim 96" in gap(96, None, "both", False, None, 2)
+    assert gap(64, (6, 11), "both", None, None, 2) is None
+    assert gap(64, (6, 11), "both", (3, 5), None, 2) is None
+    assert "post-softmax key-query convolution while decoding" in gap(64, None, "both", (3, 5), None, 2, decoding=True)
+    assert "dropout with a post-softmax" in gap(64, None, "both", (3, 5), None, 2, dropout=True)
+    assert gap(64, (6, 11), "both", None, None, 2, decoding=True, dropout=True) is None
+    assert "post-softmax key-query kernel 3 x 17" in gap(64, None, "both", (3, 17), None, None)
+    assert gap(128, (6, 11), "both", None, None, 16) is None
+    assert "9 x 11" in gap(64, (9, 11), "both", None, None, None)
+    assert "head_dim 96" in gap(96, None, "both", None, None, 2)
     # Pre-softmax head mixing (training and decoding alike): side by side up to 512 wide (256 with a kq conv, whose
     # heads always run side by side), or any group whose heads share a key head.
-    assert gap(128, None, "both", False, 4, 2) is None
-    assert gap(64, None, "both", False, 16, None, queries_per_key=16) is None
-    assert "groups of 8 at head_dim 128" in gap(128, None, "both", False, 8, None)
-    assert "groups of 3" in gap(64, None, "both", False, 3, None)
-    assert gap(128, (6, 11), "both", False, 2, 2, queries_per_key=2) is None
-    assert "groups of 4 at head_dim 128" in gap(128, (6, 11), "both", False, 4, 2, queries_per_key=4)
+    assert gap(128, None, "both", None, 4, 2) is None
+    assert gap(64, None, "both", None, 16, None, queries_per_key=16) is None
+    assert "groups of 8 at head_dim 128" in gap(128, None, "both", None, 8, None)
+    assert "groups of 3" in gap(64, None, "both", None, 3, None)
+    assert gap(128, (6, 11), "both", None, 2, 2, queries_per_key=2) is None
+    assert "groups of 4 at head_dim 128" in gap(128, (6, 11), "both", None, 4, 2, queries_per_key=4)
     with pytest.raises(ValueError, match="does not cover"):
         mta_triton.mta_attention_fused(*(torch.randn(1, 2, 4, 16) for _ in range(3)), torch.randn(2, 1, 9, 3))
 
@@ -448,6 +469,18 @@ def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix, kq_conv_size):
     ids = torch.randint(1, 61, (2, 19), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
+    calls, outs = fused_calls_logits_and_grads(monkeypatch, (reference, fused), input_ids=ids, attention_mask=mask,
+                                               labels=ids.masked_fill(mask == 0, -100))
+    assert calls == 3
+    assert_same_logits_and_grads(outs, rows=mask.bool())
+
+
+def test_model_fuses_the_post_softmax_kq_conv(monkeypatch):
+    reference, fused = model_pair(kq_conv_size=[3, 5], kq_conv_post_size=[2, 5], head_mix_post_size=2,
+                                  group_norm=True)
+    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
     calls, outs = fused_calls_logits_and_grads(monkeypatch, (reference, fused), input_ids=ids, attention_mask=mask,
                                                labels=ids.masked_fill(mask == 0, -100))
     assert calls == 3
@@ -519,11 +552,14 @@ def test_mixed_precision_training_runs_the_kernel_in_the_autocast_dtype(monkeypa
 
 
 def test_fused_mode_refuses_what_the_kernel_does_not_cover():
-    _, fused = model_pair(kq_conv_size=[3, 5], kq_conv_post_size=[2, 3])
-    with pytest.raises(ValueError, match="post-softmax key-query convolution"):
-        fused(torch.randint(0, 61, (1, 8), device=DEVICE))
-    _, fused = model_pair(kq_conv_size=[3, 5])
+    _, fused = model_pair(kq_conv_size=[3, 5], kq_conv_post_size=[2, 3], attention_dropout=0.1)
     ids = torch.randint(0, 61, (1, 8), device=DEVICE)
+    fused.eval()(ids)  # covered without a cache and without dropout
+    with pytest.raises(ValueError, match="post-softmax key-query convolution while decoding"):
+        fused.generate(ids, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="attention dropout with a post-softmax"):
+        fused.train()(ids)
+    _, fused = model_pair(kq_conv_size=[3, 5])
     with pytest.raises(ValueError, match="output_attentions"):
         fused(ids, output_attentions=True)
     mask = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]], device=DEVICE)
@@ -543,12 +579,15 @@ GPU_CASES = [
     dict(heads=16, kv_heads=4, head_dim=128, n=1000, size=(6, 11), group=2, documents=[[0, 100, 357, 358, 700], [0, 513]]),
     dict(heads=16, kv_heads=4, head_dim=128, n=513, size=(6, 11), group=16),  # full mixing: 8 chunks of 2 x 128
     dict(heads=12, kv_heads=12, head_dim=64, n=700, size=None, group=12),  # groups of 12: 3 chunks of 4 x 64
+    # Post-softmax kq conv: 3 x 2 value heads of 128 per source head (chunks, the dV kernel); alone, 2 x 9 "left".
+    dict(heads=16, kv_heads=16, head_dim=128, n=777, size=(6, 11), group=2, post=(3, 5)),
+    dict(heads=16, kv_heads=4, head_dim=64, n=1000, size=None, group=None, post=(2, 9), padding="left"),
 ]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"h{c['heads']}x{c['head_dim']}-n{c['n']}-{c['size']}-g{c['group']}" + ("-packed" if "documents" in c else ""))
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"h{c['heads']}x{c['head_dim']}-n{c['n']}-{c['size']}-g{c['group']}" + ("-packed" if "documents" in c else "") + (f"-post{c['post']}" if "post" in c else ""))
 def test_matches_the_reference_on_gpu_shapes(case, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     check_against_reference(batch=2, dtype=dtype, starts=[0, 37], ends=[case["n"], case["n"] - 11], **case)
@@ -634,15 +673,16 @@ def test_the_kernels_are_a_well_formed_custom_op(layout):
     # the unmixed output the fake outputs (the interpreter makes the full set of checks take half a minute).
     for weights in (mix, None):
         checks = ALL_OPERATOR_CHECKS if layout == "contiguous" and weights is not None else ("test_faketensor",)
-        forward_args = (q, k, v, theta, weights, "both", 2, *segments, 0.2, seed)
+        # With the scores next to the diagonal (sband, 3 offsets) as a fourth output.
+        forward_args = (q, k, v, theta, weights, "both", 2, *segments, 0.2, seed, 3)
         torch.library.opcheck(mta_triton._attention_op, forward_args, test_utils=checks)
-        out, z, lse = mta_triton._attention_op(*forward_args)
+        out, z, lse, sband = mta_triton._attention_op(*forward_args)
         saved_z = z if weights is not None else out
         # The backward operator is not differentiated.
         detached = [t.detach() if t is not None else None for t in (q, k, v, theta, weights, saved_z)]
         torch.library.opcheck(mta_triton._attention_backward_op,
-                              (torch.randn_like(out), *detached, lse, "both", 2, *segments, 0.2, seed),
-                              test_utils=checks)
+                              (torch.randn_like(out), torch.randn_like(lse), torch.randn_like(sband), *detached,
+                               lse.detach(), "both", 2, *segments, 0.2, seed), test_utils=checks)
 
 
 def test_torch_compile_takes_the_kernel_whole():
