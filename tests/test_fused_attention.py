@@ -667,7 +667,8 @@ def test_the_kernels_are_a_well_formed_custom_op(layout):
     q, k, v, theta, mix = small_inputs()
     if layout == "heads_second":
         q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
-    segments = mta_triton.row_segments(torch.tensor([0, 4]), torch.tensor([21, 18]))
+    # On the device: the operators take the kernels' inputs as they are (mta_attention_fused moves segments there).
+    segments = mta_triton.row_segments(torch.tensor([0, 4], device=DEVICE), torch.tensor([21, 18], device=DEVICE))
     seed = torch.tensor([5], device=DEVICE)
     # The output mixed by the operator, then z itself as the output. Every check once; for the other layout and
     # the unmixed output the fake outputs (the interpreter makes the full set of checks take half a minute).

@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_mta import MTAForCausalLM
-from modeling_mta.modeling_mta import MTA_MODULE_NAMES, AttentionLayout, is_mta_parameter
-from modeling_mta.mta_reference import mta_attention
+from modeling_mta.modeling_mta import MTA_MODULE_NAMES, AttentionLayout, MTAGroupNorm, is_mta_parameter
+from modeling_mta.mta_reference import group_norm, mta_attention
 
 from .tiny import OP_COMBOS, TINY, combo_id, mta_config, random_mta_model, randomize_mta
 
@@ -237,3 +237,21 @@ def test_bad_inputs_give_clear_errors():
         model(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one"):
         model()
+
+
+def test_the_group_norm_module_computes_the_reference_group_norm():
+    # The module runs one fused kernel; the reference function is the definition. Transposed input, as the
+    # attention hands it over (B, N, H, d), random weights, depth scaling on.
+    module = MTAGroupNorm(16, layer_idx=3, depth_scaling=True).double()
+    torch.nn.init.normal_(module.weight, 1.0, 0.3)
+    x = torch.randn(2, 4, 7, 16, dtype=torch.float64).transpose(1, 2)
+    torch.testing.assert_close(module(x), group_norm(x, module.weight, module.scale), rtol=1e-12, atol=1e-12)
+    # Half precision under autocast: the module rounds the scaled weight and the product to bf16, the reference
+    # multiplies the bf16 normed values by the float32 weight; within bf16's rounding of each other.
+    module = module.float()
+    x = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module(x)
+        want = group_norm(x, module.weight, module.scale)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
