@@ -1,7 +1,8 @@
 """Fused MTA attention in Triton: forward and backward in O(N) memory (no N x N tensor anywhere).
 
 The reference (`mta_reference.mta_attention`) is the definition; this computes the same function
-for causal attention with a pre-softmax key-query convolution and/or post-softmax head mixing.
+for causal attention with any of its operations: key-query convolutions before and after the softmax,
+head mixing before and after it.
 
 How the convolution avoids the score map (MTA_SPEC section 10). With q~ = q / sqrt(d) and q, k
 zeroed on padding tokens, the convolved score is bilinear in (q, k):
@@ -21,7 +22,8 @@ Post-softmax head mixing couples the c_h heads of a group: O_e = sum_c W[c, e] P
 head c runs ordinary flash attention against the group's values side by side (c_h * d wide),
 giving Z_c = P_c [V_e]_e; a small kernel mixes the Z into O. The backward treats Z_c as the
 output of head c and follows flash attention's algebra, with the convolution's chain rule
-through khat (dK side) and the shifted query tiles (dQ side).
+through khat (dK side) and the shifted query tiles (dQ side). The post-softmax convolution reuses that
+scheme with mixed values of each source head's own (see `_post_conv_attention`).
 """
 
 import math

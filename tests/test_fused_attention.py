@@ -459,13 +459,9 @@ def test_model_uses_the_kernel_and_matches_the_reference_with_padding(monkeypatc
     assert_same_logits_and_grads(outs, rows=mask.bool())
 
 
-@pytest.mark.parametrize("premix, kq_conv_size", [(2, None), (4, None), (2, [3, 5])],
-                         ids=["shared-key-head", "side-by-side", "with-kq-conv"])
-def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix, kq_conv_size):
-    # 4 heads on 2 key heads: groups of 2 share a key head (mixed queries), groups of 4 do not (wide heads), nor do
-    # groups whose heads convolve their scores first, each with its own kernel.
-    reference, fused = model_pair(kq_conv_size=kq_conv_size, head_mix_size=premix, head_mix_post_size=2,
-                                  group_norm=True)
+def check_model_fuses_with_left_padding(monkeypatch, **mta):
+    """The fused model against the reference, every layer through the kernel, on rows with left padding."""
+    reference, fused = model_pair(group_norm=True, **mta)
     ids = torch.randint(1, 61, (2, 19), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
@@ -475,16 +471,18 @@ def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix, kq_conv_size):
     assert_same_logits_and_grads(outs, rows=mask.bool())
 
 
+@pytest.mark.parametrize("premix, kq_conv_size", [(2, None), (4, None), (2, [3, 5])],
+                         ids=["shared-key-head", "side-by-side", "with-kq-conv"])
+def test_model_fuses_pre_softmax_head_mixing(monkeypatch, premix, kq_conv_size):
+    # 4 heads on 2 key heads: groups of 2 share a key head (mixed queries), groups of 4 do not (wide heads), nor do
+    # groups whose heads convolve their scores first, each with its own kernel.
+    check_model_fuses_with_left_padding(monkeypatch, kq_conv_size=kq_conv_size, head_mix_size=premix,
+                                        head_mix_post_size=2)
+
+
 def test_model_fuses_the_post_softmax_kq_conv(monkeypatch):
-    reference, fused = model_pair(kq_conv_size=[3, 5], kq_conv_post_size=[2, 5], head_mix_post_size=2,
-                                  group_norm=True)
-    ids = torch.randint(1, 61, (2, 19), device=DEVICE)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    calls, outs = fused_calls_logits_and_grads(monkeypatch, (reference, fused), input_ids=ids, attention_mask=mask,
-                                               labels=ids.masked_fill(mask == 0, -100))
-    assert calls == 3
-    assert_same_logits_and_grads(outs, rows=mask.bool())
+    check_model_fuses_with_left_padding(monkeypatch, kq_conv_size=[3, 5], kq_conv_post_size=[2, 5],
+                                        head_mix_post_size=2)
 
 
 def test_model_fuses_packed_documents(monkeypatch):
