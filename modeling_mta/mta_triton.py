@@ -1568,7 +1568,9 @@ def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, se
     vhat = _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end)
     y, _, lse, sband = _attention_op(q, k, vhat.to(v.dtype), theta, None, key_padding, c_q * group, seg_start,
                                      seg_end, 0.0, seed, left)
-    y = y.float().unflatten(-1, (c_q, group, -1))  # (B, H, N, c_q', n_e, d)
+    # Half-precision tensors meet float32 ones below, so products come out in float32 while autograd keeps the
+    # half-precision factors (float32 copies of the values were most of this layer's memory).
+    y = y.unflatten(-1, (c_q, group, -1))  # (B, H, N, c_q', n_e, d)
     beyond = _beyond_diagonal(torch.exp(sband - lse[:, :, None, :]), theta32, left)  # (B, H, c_q', p', N)
     rows = torch.arange(n, device=q.device)
     shifted, held = 0.0, 0.0
@@ -1588,7 +1590,7 @@ def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, se
     held = torch.einsum("bgcmn,gce->bgemn", held.unflatten(1, (groups, c_h)), weights).flatten(1, 2)
     for m in range(1, left + 1):
         ahead = (rows + m < seg_end).float()[:, None]  # key i + m in row i's segment
-        out = out - (held[:, :, m - 1] * ahead)[..., None] * torch.roll(targets, -m, dims=2).float()
+        out = out - (held[:, :, m - 1] * ahead)[..., None] * torch.roll(targets, -m, dims=2)
     return out.to(q.dtype)
 
 
@@ -1606,7 +1608,7 @@ def _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end):
         src = rows + left - t
         inside = ((src >= seg_start) & (src < seg_end)).to(targets.dtype)[:, None, :, None]
         shifted = (targets[:, :, src.clamp(0, n - 1)] * inside)[:, value_heads]  # (B, H, n_e, N, d)
-        vhat = vhat + theta32[None, :, 0, :, t, None, None, None] * shifted[:, :, None].float()
+        vhat = vhat + theta32[None, :, 0, :, t, None, None, None] * shifted[:, :, None]
     return vhat.flatten(1, 3)
 
 
