@@ -177,12 +177,18 @@ def _source_head(h, p, C_P: tl.constexpr):
 
 
 @triton.jit
+def _column_block(W: tl.constexpr, C_P: tl.constexpr):
+    """Which of the C_P column blocks (one per source head with pre-mixing side by side) each of W columns lies in."""
+    return tl.arange(0, W) // (W // C_P)
+
+
+@triton.jit
 def _theta_columns(theta_ptr, h, a, t, C_Q: tl.constexpr, C_K: tl.constexpr, C_P: tl.constexpr, W: tl.constexpr):
     """theta[source, a, t] for each of a key tile's W columns (a scalar for one source head)."""
     if C_P == 1:
         return tl.load(theta_ptr + (h * C_Q + a) * C_K + t)
     else:
-        source = _source_head(h, tl.arange(0, W) // (W // C_P), C_P)
+        source = _source_head(h, _column_block(W, C_P), C_P)
         return tl.load(theta_ptr + (source * C_Q + a) * C_K + t)[None, :]
 
 
@@ -194,7 +200,7 @@ def _add_theta_grad(dtheta_ptr, h, a, t, terms, C_Q: tl.constexpr, C_K: tl.const
         tl.atomic_add(dtheta_ptr + (h * C_Q + a) * C_K + t, tl.sum(tl.sum(terms, axis=1), axis=0))
     else:
         column_sums = tl.sum(terms, axis=0)
-        block = tl.arange(0, W) // (W // C_P)
+        block = _column_block(W, C_P)
         for p in tl.static_range(C_P):
             tl.atomic_add(dtheta_ptr + (_source_head(h, p, C_P) * C_Q + a) * C_K + t,
                           tl.sum(tl.where(block == p, column_sums, 0.0), axis=0))
@@ -269,7 +275,7 @@ def _band_grad(dband_ptr, bh, w, rows, ok, N, WB: tl.constexpr, C_P: tl.constexp
     if C_P == 1:
         return tl.load(dband_ptr + (bh * WB + w) * N + rows, mask=ok, other=0.0)[:, None]
     else:
-        block = tl.arange(0, D) // (D // C_P)
+        block = _column_block(D, C_P)
         return tl.load(dband_ptr + ((bh * C_P + block[None, :]) * WB + w) * N + rows[:, None], mask=ok[:, None],
                        other=0.0)
 
