@@ -33,9 +33,10 @@ from .configuration_mta import MTAConfig
 from .mta_reference import GROUP_NORM_EPS, depth_scale, key_padding_left, mta_attention
 
 try:
+    from .group_norm_triton import group_norm_fused
     from .mta_triton import document_segments, fused_coverage_gap, mta_attention_fused, mta_decode_fused, row_segments
-except ImportError:  # no Triton: the reference attention serves everywhere
-    mta_attention_fused = None
+except ImportError:  # no Triton: the reference attention and torch's RMSNorm serve everywhere
+    mta_attention_fused = group_norm_fused = None
 
 logger = logging.get_logger(__name__)
 
@@ -119,14 +120,16 @@ class MTAGroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim))
         self.scale = depth_scale(layer_idx) if depth_scaling else 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`mta_reference.group_norm` in one fused kernel (float32 statistics inside) on x's dtype, the weight
-        (times the depth scale) rounded to it. The reference's float32 passes over (B, N, H, d), and its float32
-        output under autocast, cost 3.1 ms per layer forward+backward against 1.5 ms at 8 x 4096 tokens, 16 x 64
-        (H200): 6% of the 350M model's training throughput (benchmarks/NOTES.md)."""
-        weight = (self.weight * self.scale).to(x.dtype)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """`mta_reference.group_norm` of x (B, N, H, d) on x's dtype (float32 statistics inside): with `fused`, by
+        the Triton kernels (`group_norm_fused`), else by torch's fused RMSNorm, the weight (times the depth scale)
+        rounded to x's dtype. GPU time forward+backward at 8 x 4096 tokens, 16 x 64 (H200): the Triton kernels
+        0.11 ms, torch's RMSNorm 0.84 with the copy that makes x contiguous (benchmarks/NOTES.md)."""
+        weight = self.weight * self.scale
+        if fused:
+            return group_norm_fused(x, weight)
         with torch.autocast(x.device.type, enabled=False):
-            return F.rms_norm(x.contiguous(), (x.shape[-1],), weight, GROUP_NORM_EPS)
+            return F.rms_norm(x.contiguous(), (x.shape[-1],), weight.to(x.dtype), GROUP_NORM_EPS)
 
     def init_weights(self, std: float):
         init.ones_(self.weight)
@@ -396,7 +399,7 @@ class MTAAttention(nn.Module):
             output, probs = output[:, :, history:], probs[:, :, history:]
         output = output.transpose(1, 2)  # (B, N, H, d): group norm and gate act per head and token
         if self.group_norm is not None:
-            output = self.group_norm(output)
+            output = self.group_norm(output, fused=self.fuses_group_norm(output))
         if self.gate is not None:
             output = self.gate(output)
         output = self.o_proj(output.reshape(batch, seq_len, -1))
@@ -440,8 +443,7 @@ class MTAAttention(nn.Module):
         the call; "fused" also fuses CPU tensors (under TRITON_INTERPRET=1, for tests) and raises
         where it cannot.
         """
-        mode = self.config.mta_kernel
-        if mode == "reference" or (mode == "auto" and not query.is_cuda):
+        if not self.kernels_allowed(query):
             return None
         if mta_attention_fused is None:
             gap = "this machine (Triton is not installed)"
@@ -466,10 +468,18 @@ class MTAAttention(nn.Module):
             )
         if gap is None:
             return self.spans(layout)
-        if mode == "fused":
+        if self.config.mta_kernel == "fused":
             raise ValueError(f"mta_kernel='fused', but the fused MTA kernel does not cover {gap}")
         logger.warning_once(f"The fused MTA kernel does not cover {gap}: using the reference attention there.")
         return None
+
+    def kernels_allowed(self, x: torch.Tensor) -> bool:
+        """Whether `config.mta_kernel` lets Triton kernels run on x: "fused" always, "auto" on CUDA tensors."""
+        return self.config.mta_kernel == "fused" or (self.config.mta_kernel == "auto" and x.is_cuda)
+
+    def fuses_group_norm(self, output: torch.Tensor) -> bool:
+        """Whether the group norm runs as Triton kernels: wherever kernels may (they cover every case)."""
+        return group_norm_fused is not None and self.kernels_allowed(output)
 
     @staticmethod
     def spans(layout: AttentionLayout):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_mta import MTAForCausalLM
+from modeling_mta import MTAForCausalLM, group_norm_triton
 from modeling_mta.modeling_mta import MTA_MODULE_NAMES, AttentionLayout, MTAGroupNorm, is_mta_parameter
 from modeling_mta.mta_reference import group_norm, mta_attention
 
@@ -239,19 +239,40 @@ def test_bad_inputs_give_clear_errors():
         model()
 
 
-def test_the_group_norm_module_computes_the_reference_group_norm():
-    # The module runs one fused kernel; the reference function is the definition. Transposed input, as the
-    # attention hands it over (B, N, H, d), random weights, depth scaling on.
-    module = MTAGroupNorm(16, layer_idx=3, depth_scaling=True).double()
+def test_the_group_norm_kernels_are_a_well_formed_custom_op():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 3, 5, 16, device=device).transpose(1, 2).requires_grad_()  # as the attention hands it over
+    weight = (torch.rand(16, device=device) + 0.5).requires_grad_()
+    torch.library.opcheck(group_norm_triton._group_norm_op, (x, weight))
+    y, rstd = group_norm_triton._group_norm_op(x, weight)
+    torch.library.opcheck(group_norm_triton._group_norm_backward_op,
+                          (torch.randn_like(y), x.detach(), weight.detach(), rstd))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_the_group_norm_module_computes_the_reference_group_norm(fused, head_dim):
+    # The module runs torch's RMSNorm or the Triton kernels; the reference function is the definition. Transposed
+    # input, as the attention hands it over (B, N, H, d), random weights, depth scaling on, and a head_dim that is
+    # not a power of two (the kernels' blocks are). Values and gradients in float64.
+    device = "cuda" if fused and torch.cuda.is_available() else "cpu"  # (else Triton's interpreter)
+    module = MTAGroupNorm(head_dim, layer_idx=3, depth_scaling=True).double().to(device)
     torch.nn.init.normal_(module.weight, 1.0, 0.3)
-    x = torch.randn(2, 4, 7, 16, dtype=torch.float64).transpose(1, 2)
-    torch.testing.assert_close(module(x), group_norm(x, module.weight, module.scale), rtol=1e-12, atol=1e-12)
-    # Half precision under autocast: the module rounds the scaled weight and the product to bf16, the reference
-    # multiplies the bf16 normed values by the float32 weight; within bf16's rounding of each other.
+    x = torch.randn(2, 4, 37, head_dim, dtype=torch.float64, device=device).transpose(1, 2).requires_grad_()
+    got = module(x, fused=fused)
+    want = group_norm(x, module.weight, module.scale)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, (x, module.weight), grad),
+                               torch.autograd.grad(want, (x, module.weight), grad), rtol=1e-10, atol=1e-10)
+    # Half precision under autocast: the module rounds the product to bf16 (torch's RMSNorm the scaled weight as
+    # well), the reference multiplies the bf16 normed values by the float32 weight; within bf16's rounding. (Triton's
+    # interpreter rounds float32 to bf16 toward zero, the GPU to nearest: twice the error.)
     module = module.float()
-    x = x.bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = module(x)
+    x = x.detach().bfloat16()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = module(x, fused=fused)
         want = group_norm(x, module.weight, module.scale)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+    rtol = 2 ** -6 if fused and device == "cpu" else 2 ** -7
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-3)

@@ -21,7 +21,8 @@ def test_round_trip_through_the_auto_classes(tmp_path):
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    for name in ("configuration_mta.py", "modeling_mta.py", "mta_reference.py"):
+    for name in ("configuration_mta.py", "modeling_mta.py", "mta_reference.py", "mta_triton.py",
+                 "group_norm_triton.py"):
         assert (tmp_path / name).exists(), name
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is MTAConfig
