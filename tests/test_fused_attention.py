@@ -580,12 +580,15 @@ GPU_CASES = [
     # Post-softmax kq conv: 3 x 2 value heads of 128 per source head (chunks, the dV kernel); alone, 2 x 9 "left".
     dict(heads=16, kv_heads=16, head_dim=128, n=777, size=(6, 11), group=2, post=(3, 5)),
     dict(heads=16, kv_heads=4, head_dim=64, n=1000, size=None, group=None, post=(2, 9), padding="left"),
+    # Head-mix-only layers without GQA: each source head's P times the group's two value heads side by side.
+    dict(heads=16, kv_heads=16, head_dim=64, n=1000, size=None, group=2),
+    dict(heads=16, kv_heads=16, head_dim=128, n=777, size=None, group=2, documents=[[0, 100, 357, 358, 700], [0, 513]]),
 ]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"h{c['heads']}x{c['head_dim']}-n{c['n']}-{c['size']}-g{c['group']}" + ("-packed" if "documents" in c else "") + (f"-post{c['post']}" if "post" in c else ""))
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"h{c['heads']}kv{c['kv_heads']}x{c['head_dim']}-n{c['n']}-{c['size']}-g{c['group']}" + ("-packed" if "documents" in c else "") + (f"-post{c['post']}" if "post" in c else ""))
 def test_matches_the_reference_on_gpu_shapes(case, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     check_against_reference(batch=2, dtype=dtype, starts=[0, 37], ends=[case["n"], case["n"] - 11], **case)
