@@ -247,6 +247,10 @@ def test_the_group_norm_kernels_are_a_well_formed_custom_op():
     y, rstd = group_norm_triton._group_norm_op(x, weight)
     torch.library.opcheck(group_norm_triton._group_norm_backward_op,
                           (torch.randn_like(y), x.detach(), weight.detach(), rstd))
+    with pytest.raises(ValueError, match=r"takes x \(B, N, H, d\) and weight \(d,\), got \(30, 16\)"):
+        group_norm_triton.group_norm_fused(x.reshape(30, 16), weight)
+    with pytest.raises(ValueError, match=r"got \(2, 5, 3, 16\) and \(8,\)"):
+        group_norm_triton.group_norm_fused(x, weight[:8])
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
