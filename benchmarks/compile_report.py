@@ -12,19 +12,21 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from modeling_mta import group_norm_triton as gn
 from modeling_mta import mta_triton as mt
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
-FLOAT_ARGS = {"scale", "dropout_p"}
+FLOAT_ARGS = {"scale", "dropout_p", "eps"}
 INT32_POINTERS = {"seg_start_ptr", "seg_end_ptr", "start_ptr"}
 INT64_POINTERS = {"seed_ptr"}
 FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "cband_ptr", "dcband_ptr", "band_ptr", "dband_ptr", "theta_ptr",
-                    "dtheta_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "sband_ptr", "dsband_ptr"}
+                    "dtheta_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "sband_ptr", "dsband_ptr", "w_ptr", "rstd_ptr", "dw_ptr"}
 
 
 def signature(kernel, constexprs: dict, dtype: str) -> dict:
@@ -71,7 +73,7 @@ def main():
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--variants", action="store_true",
                         help="also packed rows, dropout, a group of 16 (value heads in chunks), a post-softmax kq "
-                             "conv and the decode kernel")
+                             "conv, the decode kernel, the stripe's and the group norm's kernels")
     args = parser.parse_args()
     extra = [tuple(int(x) for x in t.split(",")) for t in args.tiles]
     for head_dim in args.head_dims:
@@ -101,6 +103,10 @@ def main():
             print(f"stripe 6x11 C_P={c_p}  fwd {report(mt._stripe_kernel, stripe, 4, 1, 'fp32')}", flush=True)
             print(f"stripe 6x11 C_P={c_p}  bwd {report(mt._stripe_bwd_kernel, dict(stripe, W_BLOCK=16), 4, 1, 'fp32')}",
                   flush=True)
+        for head_dim in (64, 128, 256):  # the group norm: launched with Triton's default warps and stages
+            norm = gn._constants(torch.empty(0, head_dim, dtype=torch.bfloat16))
+            for name, kernel in (("fwd", gn._group_norm_fwd_kernel), ("bwd", gn._group_norm_bwd_kernel)):
+                print(f"d={head_dim:<3} group norm {name}  {report(kernel, norm, 4, 3)}", flush=True)
 
 
 KERNEL_FUNCTIONS = {"fwd": mt._mta_fwd_kernel, "dkdv": mt._mta_bwd_dkdv_kernel, "dq": mt._mta_bwd_dq_kernel,

@@ -14,8 +14,10 @@ import triton.language as tl
 
 from .mta_reference import GROUP_NORM_EPS
 
-# Tokens per block of one head; the backward's programs each sum the weight's gradient over several blocks.
-TOKEN_BLOCK = 64
+# Elements of a program's (tokens x head_dim) block, up to 64 tokens: at head_dim 256, 64 tokens spilled to the
+# stack in the backward (760 bytes; benchmarks/compile_report.py). The backward's programs each sum the weight's
+# gradient over several blocks.
+BLOCK_ELEMENTS = 8192
 MAX_BACKWARD_PROGRAMS = 4096
 
 
@@ -72,8 +74,8 @@ def _group_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, N, H,
 
 
 def _constants(x: torch.Tensor) -> dict:
-    head_dim = x.shape[-1]
-    return dict(BLOCK=TOKEN_BLOCK, D=head_dim, D_BLOCK=triton.next_power_of_2(head_dim), WIDE=x.dtype == torch.float64)
+    d_block = triton.next_power_of_2(x.shape[-1])
+    return dict(BLOCK=min(64, BLOCK_ELEMENTS // d_block), D=x.shape[-1], D_BLOCK=d_block, WIDE=x.dtype == torch.float64)
 
 
 def _layout(x: torch.Tensor) -> tuple:
@@ -98,8 +100,9 @@ def _group_norm_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor,
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     rstd = torch.empty(x.shape[:-1].numel(), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     batch, n, heads, _ = x.shape
-    _group_norm_fwd_kernel[(triton.cdiv(n, TOKEN_BLOCK), batch * heads)](
-        x, weight.contiguous(), y, rstd, *_layout(x), GROUP_NORM_EPS, **_constants(x))
+    constants = _constants(x)
+    _group_norm_fwd_kernel[(triton.cdiv(n, constants["BLOCK"]), batch * heads)](
+        x, weight.contiguous(), y, rstd, *_layout(x), GROUP_NORM_EPS, **constants)
     return y, rstd
 
 
@@ -115,10 +118,11 @@ def _group_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     dx = _like_input(x)
     x = x if x.stride(-1) == 1 else x.contiguous()
     batch, n, heads, head_dim = x.shape
-    blocks = min(triton.cdiv(n, TOKEN_BLOCK), max(1, MAX_BACKWARD_PROGRAMS // (batch * heads)))
+    constants = _constants(x)
+    blocks = min(triton.cdiv(n, constants["BLOCK"]), max(1, MAX_BACKWARD_PROGRAMS // (batch * heads)))
     dw = torch.empty(blocks * batch * heads, head_dim, device=x.device, dtype=rstd.dtype)
     _group_norm_bwd_kernel[(blocks, batch * heads)](dy.contiguous(), x, weight.contiguous(), rstd, dx, dw,
-                                                    *_layout(x), **_constants(x))
+                                                    *_layout(x), **constants)
     return dx, dw.sum(0).to(weight.dtype)
 
 
