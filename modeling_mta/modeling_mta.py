@@ -375,6 +375,7 @@ class MTAAttention(nn.Module):
                 key_start=spans,
                 new_rows=seq_len,
                 head_mix_weight=self.head_mix.weight if self.head_mix is not None else None,
+                kq_conv_post_weight=self.kq_conv_post.weight if self.kq_conv_post is not None else None,
             )
             probs = None
         elif spans is not None:
@@ -463,7 +464,6 @@ class MTAAttention(nn.Module):
                 self.head_mix.weight.shape[-1] if self.head_mix is not None else None,
                 self.head_mix_post.weight.shape[-1] if self.head_mix_post is not None else None,
                 query.shape[1] // self.config.num_key_value_heads,
-                decoding=bool(layout.past_len),
                 dropout=self.training and self.attention_dropout > 0,
             )
         if gap is None:

@@ -61,15 +61,12 @@ def fused_coverage_gap(
     head_mix_size: int | None,
     head_mix_post_size: int | None,
     queries_per_key: int = 1,
-    decoding: bool = False,
     dropout: bool = False,
 ) -> str | None:
-    """None if the fused kernels compute this configuration (in training and prefill, or `decoding` against a cache;
-    with attention `dropout` or without), else the name of what they lack. `queries_per_key`: query heads per
-    key/value head (GQA)."""
+    """None if the fused kernels compute this configuration (in training, prefill and decoding; with attention
+    `dropout` or without), else the name of what they lack. `queries_per_key`: query heads per key/value head
+    (GQA)."""
     if kq_conv_post_size is not None:
-        if decoding:
-            return "the post-softmax key-query convolution while decoding"
         if dropout:
             return "attention dropout with a post-softmax key-query convolution"
         c_q, c_k = kq_conv_post_size
@@ -1028,22 +1025,24 @@ def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, 
 
 @triton.jit
 def _mta_decode_kernel(
-    qhat_ptr, k_ptr, v_ptr, cband_ptr, z_ptr, start_ptr,
+    qhat_ptr, k_ptr, v_ptr, cband_ptr, z_ptr, lse_ptr, sband_ptr, start_ptr,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     M, L, H, GQA_K, GQA,
-    C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr,
+    C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr, BAND: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    E: tl.constexpr,
+    E: tl.constexpr, OWN_VALUES: tl.constexpr,
 ):
     """New query rows against a cache of L keys: row m is the token at L - M + m, and its scores are
     C[i, j] = sum_b qhat_b[i] . k[j - PAD + b] away from the diagonal (qhat: the queries mixed by the
     kernel, scale included), the exact stripe values (cband, (B, H, STRIPE, M)) near it. Keys from
-    start[b] on are real. Query head h reads key head h // GQA_K (DQK wide) and value head h // GQA."""
+    start[b] on are real. Query head h reads key head h // GQA_K (DQK wide) and value head h // GQA, or with
+    OWN_VALUES its own C_H (`_first_value`). Also stores the rows' log-sum-exp (B, H, M) and the scores of the BAND
+    offsets next to the diagonal (B, H, BAND, M), as the training forward does for the post-softmax kq conv."""
     pid, bh, b, h = _program(H)
     rows = pid * BM + tl.arange(0, BM)
     pos = L - M + rows
     start = tl.load(start_ptr + b)
-    first = _value_chunk(h, C_H, E, False)
+    first = _value_chunk(h, C_H, E, OWN_VALUES)
     row_ok = (rows < M) & (pos >= start)
     d = tl.arange(0, DQK)
     k_base = k_ptr + b * stride_kb + (h // GQA_K) * stride_kh
@@ -1069,14 +1068,19 @@ def _mta_decode_kernel(
             s = tl.where(in_stripe, exact, s)
         visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] >= start) & row_ok[:, None]
         s = tl.where(visible, s, float("-inf"))
+        if BAND > 0:
+            offset, near = _near_diagonal(pos, cols, L, BAND)
+            tl.store(sband_ptr + (bh * BAND + offset) * M + rows[:, None], s, mask=near & (rows < M)[:, None])
         p, alpha, m_new, l = _online_softmax(s, m, l)
         values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, L, GQA, E, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
         m = m_new
-    z = acc / tl.where(l > 0, l, 1.0)[:, None]
+    has_key = l > 0
+    z = acc / tl.where(has_key, l, 1.0)[:, None]
     c = tl.program_id(2) * E * D + tl.arange(0, E * D)
     tl.store(z_ptr + (bh * M + rows[:, None]) * (C_H * D) + c[None, :], z.to(z_ptr.dtype.element_ty),
              mask=(rows < M)[:, None])
+    tl.store(lse_ptr + bh * M + rows, tl.where(has_key, m + tl.log(tl.where(has_key, l, 1.0)), 0.0), mask=rows < M)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1586,7 +1590,20 @@ def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, se
         keep = ((rows - s >= seg_start) & (rows < seg_end)).float()[:, None]  # (B, 1, N)
         shifted = shifted + torch.roll(y[:, :, :, a], s, dims=2) * keep[..., None, None]
         held = held + torch.roll(beyond[:, :, a], s, dims=-1) * keep[:, :, None]
-    # Mixed over each group's source heads: the output, and R's coefficient of V_e[i + m] (held[:, :, m - 1, i]).
+
+    def ahead(m):  # V[i + m], and whether key i + m is in row i's segment
+        return torch.roll(targets, -m, dims=2), (rows + m < seg_end).float()[:, None]
+
+    return _mixed_post_conv_output(shifted, held, weights, group, ahead).to(q.dtype)
+
+
+def _mixed_post_conv_output(shifted, held, weights, group, ahead):
+    """O_e = sum_c W[c, e] (shifted_{c, e} - R_{c, e}): the shifted and added Y (B, H, rows, n_e, d), mixed over each
+    group's source heads, less R = sum_m held[m - 1] V_e[i + m] (held (B, H, p', rows), the weights that Y gave keys
+    beyond the diagonal); `ahead(m)` gives those keys' values (B, H, rows, d) and where they count (a 0/1 factor per
+    row). The values stay in their dtype: autograd keeps them for the weights' gradient (float32 copies were most of
+    the post-softmax conv's memory)."""
+    groups, c_h = weights.shape[0], weights.shape[-1]
     by_group = shifted.unflatten(1, (groups, c_h))
     if group == 1:
         out = torch.einsum("bgcnd,gce->bgend", by_group[..., 0, :], weights)
@@ -1594,10 +1611,44 @@ def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, se
         out = torch.einsum("bgcned,gce->bgend", by_group, weights)
     out = out.flatten(1, 2)
     held = torch.einsum("bgcmn,gce->bgemn", held.unflatten(1, (groups, c_h)), weights).flatten(1, 2)
-    for m in range(1, left + 1):
-        ahead = (rows + m < seg_end).float()[:, None]  # key i + m in row i's segment
-        out = out - (held[:, :, m - 1] * ahead)[..., None] * torch.roll(targets, -m, dims=2)
-    return out.to(q.dtype)
+    for m in range(1, held.shape[2] + 1):
+        values, inside = ahead(m)
+        out = out - (held[:, :, m - 1] * inside)[..., None] * values
+    return out
+
+
+def _post_conv_decode(q_rows, k, v, theta, theta_post, mix, key_padding, group, key_start, new_rows):
+    """`_post_conv_attention` for the last `new_rows` rows against a cache (`_decode`'s arguments): the decode kernel
+    makes Y, the log-sum-exp and the scores next to the diagonal for the c_q' - 1 rows before them as well (as far as
+    q_rows reaches: earlier rows count as zero), with the values mixed along the whole cache."""
+    heads, rows, length = q_rows.shape[1], q_rows.shape[2], k.shape[2]
+    c_q, c_k = theta_post.shape[-2:]
+    left = key_padding_left(key_padding, c_k)
+    weights = mix.float() if mix is not None else torch.ones(heads, 1, 1, device=q_rows.device)
+    theta32 = theta_post.float()
+    targets = v.repeat_interleave(heads // v.shape[1], dim=1)
+    seg_start = key_start.to(torch.int32)[:, None]
+    vhat = _post_conv_values(targets, theta32, left, weights.shape[-1], group, seg_start, torch.full_like(seg_start,
+                                                                                                         length))
+    window = min(new_rows + c_q - 1, rows)
+    y, lse, sband = _decode(q_rows, k, vhat.to(v.dtype), theta, key_padding, c_q * group, key_start, window, left)
+    y = y.float().unflatten(-1, (c_q, group, -1))  # (B, H, window, c_q', n_e, d): a few rows, float32 as the weights
+    beyond = _beyond_diagonal(torch.exp(sband - lse[:, :, None, :]), theta32, left)  # (B, H, c_q', p', window)
+    shifted = sum(_rows_back(y[:, :, :, a], c_q - 1 - a, 2, new_rows) for a in range(c_q))
+    held = sum(_rows_back(beyond[:, :, a], c_q - 1 - a, 3, new_rows) for a in range(c_q))
+    positions = length - new_rows + torch.arange(new_rows, device=q_rows.device)
+
+    def ahead(m):  # V[i + m], and whether that key is in the cache
+        return targets[:, :, (positions + m).clamp(max=length - 1)], (positions + m < length).float()
+
+    return _mixed_post_conv_output(shifted, held, weights, group, ahead)
+
+
+def _rows_back(x, s, dim, count):
+    """The last `count` rows (along dim) of x shifted back by s: row r is x's row (len - count + r - s), zero before
+    x's first."""
+    zeros = x.new_zeros(*x.shape[:dim], s, *x.shape[dim + 1:])
+    return torch.cat([zeros, x], dim).narrow(dim, x.shape[dim] - count, count)
 
 
 def _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end):
@@ -1642,6 +1693,7 @@ def mta_decode_fused(
     key_start: torch.Tensor,
     new_rows: int,
     head_mix_weight: torch.Tensor | None = None,
+    kq_conv_post_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The last `new_rows` rows of causal MTA attention against a cache, fused, forward only: (B, H, new_rows, d).
 
@@ -1652,9 +1704,12 @@ def mta_decode_fused(
     Pre-softmax head mixing (`head_mix_weight`): where each group's heads read one key head and there is no
     convolution it mixes the queries alone (`_premixed`) and reads the cache as it is; else the group's keys are
     put side by side from the cache at each call (a copy of the layer's cache) against the wide queries.
+    A post-softmax kq conv (`kq_conv_post_weight`) reads c_q' - 1 more earlier rows, and mixes the whole cache's
+    values at each call (`_post_conv_decode`).
     """
     heads, head_dim = q_rows.shape[1], q_rows.shape[3]
-    _check_coverage(q_rows, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, decoding=True)
+    _check_coverage(q_rows, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding,
+                    kq_conv_post_weight)
     q_rows, k, v = _in_autocast_dtype(q_rows, k, v)
     if head_mix_weight is not None:
         q_rows, k = _premixed(q_rows, k, head_mix_weight, convolved=kq_conv_weight is not None)
@@ -1662,28 +1717,34 @@ def mta_decode_fused(
     group = _kernel_group(heads, v.shape[1], c_h)
     theta = kq_conv_weight if kq_conv_weight is not None else q_rows.new_ones(heads, 1, 1, 1)
     return _decode_op(q_rows, k.contiguous(), v.contiguous(), theta, head_mix_post_weight, key_padding, group,
-                      key_start.to(torch.int32), new_rows)
+                      key_start.to(torch.int32), new_rows, kq_conv_post_weight)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::decode", mutates_args=())
 def _decode_op(
     q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, mix: torch.Tensor | None,
-    key_padding: str, c_h: int, key_start: torch.Tensor, new_rows: int,
+    key_padding: str, c_h: int, key_start: torch.Tensor, new_rows: int, theta_post: torch.Tensor | None,
 ) -> torch.Tensor:
     with torch.autocast(q_rows.device.type, enabled=False):
-        z = _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows)
+        if theta_post is not None:
+            out = _post_conv_decode(q_rows, k, v, theta, theta_post, mix, key_padding, c_h, key_start, new_rows)
+            return out.to(q_rows.dtype).contiguous()  # (the strides that the fake output promises)
+        z = _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows)[0]
         return _mix_forward(z, mix, v.shape[-1]) if mix is not None else z
 
 
 @_decode_op.register_fake
-def _(q_rows, k, v, theta, mix, key_padding, c_h, key_start, new_rows):
-    width = v.shape[3] if mix is not None else c_h * v.shape[3]
+def _(q_rows, k, v, theta, mix, key_padding, c_h, key_start, new_rows, theta_post):
+    width = v.shape[3] if mix is not None or theta_post is not None else c_h * v.shape[3]
     return q_rows.new_empty(q_rows.shape[0], q_rows.shape[1], new_rows, width)
 
 
-def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
-    """Z for the new rows. q_rows and k may be wider than the values (pre-softmax mixing side by side, `_premixed`):
-    c_p = their width / d column blocks, each the share of one source head, mixed by that head's kernel."""
+def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows, near=0):
+    """Z (B, H, new_rows, c_h * d) for the new rows, their log-sum-exp (B, H, new_rows) and the scores of the `near`
+    offsets next to the diagonal (B, H, near, new_rows; -inf where masked), as `_fused_forward` makes them. q_rows and
+    k may be wider than the values (pre-softmax mixing side by side, `_premixed`): c_p = their width / d column
+    blocks, each the share of one source head, mixed by that head's kernel. v may hold c_h value heads of each
+    query head's own (B, H * c_h, L, d; the post-softmax kq conv's)."""
     batch, heads, rows, width_qk = q_rows.shape
     head_dim = v.shape[-1]
     c_p = width_qk // head_dim
@@ -1710,16 +1771,20 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows):
                               (key_start - first).to(torch.int32)[:, None].contiguous())
         cband = cband[..., rows - new_rows:].contiguous()
     z = _output((batch, heads, new_rows, c_h * head_dim), q_rows)
+    lse = _output((batch, heads, new_rows), q_rows, torch.float32)
+    sband = torch.full((batch, heads, near, new_rows), float("-inf"), device=q_rows.device, dtype=torch.float32)
+    own_values = c_h > 1 and v.shape[1] == heads * c_h
     e = value_chunk(c_h, head_dim)
     # One stage: the c_k shifted key tiles of a step, pipelined, took 245 KB (d = 64) and 481 KB (d = 128) of
     # shared memory at three stages on an H200.
     tiling = (16, 64 if head_dim * e <= 256 and width_qk <= 128 else 32, 4, 1)
     _launch(_mta_decode_kernel, lambda bm, bn: _grid(new_rows, bm, batch * heads, c_h // e),
-            (qhat, k, v, cband, z, key_start, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-             v.stride(2), new_rows, length, heads, heads // k.shape[1], heads // v.shape[1]), tiling,
-            dict(C_K=c_k, PAD=pad, STRIPE=stripe, C_H=c_h, D=head_dim, DQK=width_qk, E=e,
-                 DOT_PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32"))
-    return z
+            (qhat, k, v, cband, z, lse, sband, key_start, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+             v.stride(1), v.stride(2), new_rows, length, heads, heads // k.shape[1],
+             1 if own_values else heads // v.shape[1]), tiling,
+            dict(C_K=c_k, PAD=pad, STRIPE=stripe, BAND=near, C_H=c_h, D=head_dim, DQK=width_qk, E=e,
+                 DOT_PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32", OWN_VALUES=own_values))
+    return z, lse, sband
 
 
 def _decode_band(q_real, k, key_start, first, width, c_p):
@@ -1746,14 +1811,14 @@ def dropout_keep_scale(batch: int, heads: int, n: int, c_h: int, dropout_p: floa
 
 
 def _check_coverage(q, k, kq_conv_weight, head_mix_weight, head_mix_post_weight, key_padding, kq_conv_post_weight=None,
-                    decoding=False, dropout=False):
+                    dropout=False):
     def size(conv):
         return tuple(conv.shape[-2:]) if conv is not None else None
 
     gap = fused_coverage_gap(q.shape[-1], size(kq_conv_weight), key_padding, size(kq_conv_post_weight),
                              head_mix_weight.shape[-1] if head_mix_weight is not None else None,
                              head_mix_post_weight.shape[-1] if head_mix_post_weight is not None else None,
-                             q.shape[1] // k.shape[1], decoding, dropout)
+                             q.shape[1] // k.shape[1], dropout)
     if gap is not None:
         raise ValueError(f"the fused MTA kernel does not cover {gap}")
 

@@ -391,9 +391,8 @@ def test_coverage_gaps_are_named():
     gap = mta_triton.fused_coverage_gap
     assert gap(64, (6, 11), "both", None, None, 2) is None
     assert gap(64, (6, 11), "both", (3, 5), None, 2) is None
-    assert "post-softmax key-query convolution while decoding" in gap(64, None, "both", (3, 5), None, 2, decoding=True)
     assert "dropout with a post-softmax" in gap(64, None, "both", (3, 5), None, 2, dropout=True)
-    assert gap(64, (6, 11), "both", None, None, 2, decoding=True, dropout=True) is None
+    assert gap(64, (6, 11), "both", None, None, 2, dropout=True) is None
     assert "post-softmax key-query kernel 3 x 17" in gap(64, None, "both", (3, 17), None, None)
     assert gap(128, (6, 11), "both", None, None, 16) is None
     assert "9 x 11" in gap(64, (9, 11), "both", None, None, None)
@@ -552,9 +551,7 @@ def test_mixed_precision_training_runs_the_kernel_in_the_autocast_dtype(monkeypa
 def test_fused_mode_refuses_what_the_kernel_does_not_cover():
     _, fused = model_pair(kq_conv_size=[3, 5], kq_conv_post_size=[2, 3], attention_dropout=0.1)
     ids = torch.randint(0, 61, (1, 8), device=DEVICE)
-    fused.eval()(ids)  # covered without a cache and without dropout
-    with pytest.raises(ValueError, match="post-softmax key-query convolution while decoding"):
-        fused.generate(ids, max_new_tokens=2, do_sample=False)
+    fused.eval()(ids)  # covered without dropout
     with pytest.raises(ValueError, match="attention dropout with a post-softmax"):
         fused.train()(ids)
     _, fused = model_pair(kq_conv_size=[3, 5])
@@ -729,29 +726,33 @@ def test_an_inductor_compiled_model_trains_and_generates_as_the_eager_one(monkey
 
 
 def check_decode(batch=2, heads=4, kv_heads=2, length=40, new=3, history=None, head_dim=16, size=(3, 5),
-                 padding="both", group=2, starts=(0, 7), dtype=torch.float32, seed=0, premix=None):
+                 padding="both", group=2, starts=(0, 7), dtype=torch.float32, seed=0, premix=None, post=None):
     """The fused decode kernel against the reference on the same rows: `new` query rows at the end of a cache of
-    `length` keys, plus `history` earlier query rows (default: the c_q - 1 a convolution reads)."""
+    `length` keys, plus `history` earlier query rows (default: the c_q - 1 + c_q' - 1 the convolutions read);
+    `post` is the post-softmax kq conv's size."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
 
     def rand(*shape, spread=1.0):
         return (spread * torch.randn(*shape, generator=generator, device=DEVICE)).to(dtype)
 
-    history = (size[0] - 1 if size else 0) if history is None else history
+    if history is None:
+        history = sum(conv[0] - 1 for conv in (size, post) if conv)
     rows = new + history
     q, k, v = rand(batch, heads, rows, head_dim), rand(batch, kv_heads, length, head_dim), rand(batch, kv_heads, length, head_dim)
     theta = rand(heads, 1, *size, spread=1.5 / math.prod(size) ** 0.5) if size else None
     mix = rand(heads // group, group, group, spread=0.7) if group else None
     premix_weight = rand(heads // premix, premix, premix, spread=0.7) if premix else None
+    post_theta = rand(heads, 1, *post, spread=1.5 / math.prod(post) ** 0.5) if post else None
     start = torch.tensor(starts, device=DEVICE)
-    out = mta_triton.mta_decode_fused(q, k, v, theta, mix, padding, start, new, head_mix_weight=premix_weight)
+    out = mta_triton.mta_decode_fused(q, k, v, theta, mix, padding, start, new, head_mix_weight=premix_weight,
+                                      kq_conv_post_weight=post_theta)
 
     query_pos = torch.arange(length - rows, length, device=DEVICE)
     key_pos = torch.arange(length, device=DEVICE)
     visible = ((key_pos <= query_pos[:, None]) & (key_pos >= start[:, None, None])
                & (query_pos[:, None] >= start[:, None, None]))[:, None]
-    wide = [t.double() if t is not None else None for t in (q, k, v, theta, mix, premix_weight)]
-    ref, _ = mta_attention(*wide[:3], visible, wide[3], None, wide[5], wide[4], key_padding=padding)
+    wide = [t.double() if t is not None else None for t in (q, k, v, theta, mix, premix_weight, post_theta)]
+    ref, _ = mta_attention(*wide[:3], visible, wide[3], wide[6], wide[5], wide[4], key_padding=padding)
     error = relative_error(out, ref[:, :, -new:])
     print(f"decode relative error ({dtype}): {error:.2e}")
     assert error <= TOLERANCE[dtype], error
@@ -774,6 +775,13 @@ DECODE_CASES = [
     dict(size=None, premix=2, kv_heads=4),
     dict(premix=2, group=None),
     dict(premix=4, kv_heads=4, size=(2, 3), padding="left", starts=(3, 0)),
+    # Post-softmax kq conv: the decode kernel makes the rows c_q' - 1 back too, against values mixed along the cache.
+    dict(size=None, group=None, post=(3, 5)),  # alone, p' = 2 keys beyond the diagonal taken out again
+    dict(post=(2, 3), kv_heads=4, new=4),  # after a kq conv, head mixing over two value heads, a chunk of rows
+    dict(size=(2, 3), post=(3, 5), padding="left", starts=(0, 38), new=2),  # p' = 4; a row that is mostly padding
+    dict(size=None, post=(3, 3), padding="right", group=4, kv_heads=1, new=20),  # p' = 0, a prefill chunk
+    dict(size=None, post=(3, 5), length=6, new=3, history=1),  # fewer earlier rows than the kernel reads
+    dict(post=(2, 5), premix=2, kv_heads=4),  # every MTA operation
 ]
 
 
@@ -783,8 +791,10 @@ def test_decoding_matches_the_reference(case):
 
 
 @pytest.mark.parametrize("mta", [dict(kq_conv_size=[3, 5]), dict(kq_conv_size=None, head_mix_size=2),
-                                 dict(kq_conv_size=[3, 5], head_mix_size=2)],
-                         ids=["kq-conv", "pre-softmax-mixing", "pre-mixing-side-by-side-with-kq-conv"])
+                                 dict(kq_conv_size=[3, 5], head_mix_size=2),
+                                 dict(kq_conv_size=[3, 5], kq_conv_post_size=[2, 3])],
+                         ids=["kq-conv", "pre-softmax-mixing", "pre-mixing-side-by-side-with-kq-conv",
+                              "post-softmax-kq-conv"])
 def test_the_model_decodes_with_the_kernel(monkeypatch, mta):
     reference, fused = model_pair(head_mix_post_size=2, group_norm=True, **mta)
     ids = torch.randint(1, 61, (2, 9), device=DEVICE)
@@ -814,6 +824,8 @@ def test_decoding_matches_the_reference_on_gpu_shapes(dtype):
                  dtype=dtype)
     check_decode(heads=16, kv_heads=16, head_dim=64, length=2000, new=64, size=None, group=2, starts=(5, 0),
                  dtype=dtype)
+    check_decode(heads=16, kv_heads=16, head_dim=64, length=1500, new=1, size=(6, 11), post=(3, 5), group=2,
+                 starts=(0, 400), dtype=dtype)
     check_decode(heads=8, kv_heads=8, head_dim=128, length=700, new=3, size=(8, 15), group=4, padding="left",
                  dtype=dtype)
     # Pre-softmax mixing side by side (q and the cache's keys 2 x 64 wide), each block with its own 6 x 11 kernel.
@@ -860,11 +872,16 @@ def test_torch_compile_takes_the_decoding_kernel_whole():
     theta = 0.4 * torch.randn(4, 1, 3, 5, generator=generator, device=DEVICE)
     mix = 0.7 * torch.randn(2, 2, 2, generator=generator, device=DEVICE)
     args = (q, k, v, theta, mix, "both", torch.tensor([0, 6], device=DEVICE), 3)
+    post = 0.4 * torch.randn(4, 1, 2, 3, generator=generator, device=DEVICE)
     compiled = torch.compile(mta_triton.mta_decode_fused, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(*args), mta_triton.mta_decode_fused(*args), rtol=1e-6, atol=1e-6)
+    for kq_conv_post_weight in (None, post):
+        torch.testing.assert_close(compiled(*args, kq_conv_post_weight=kq_conv_post_weight),
+                                   mta_triton.mta_decode_fused(*args, kq_conv_post_weight=kq_conv_post_weight),
+                                   rtol=1e-6, atol=1e-6)
     start = torch.tensor([0, 6], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, mix, "both", 2, start, 3))
-    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, None, "both", 2, start, 3))
+    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, mix, "both", 2, start, 3, None))
+    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, None, "both", 2, start, 3, None))
+    torch.library.opcheck(mta_triton._decode_op, (q, k, v, theta, mix, "both", 2, start, 3, post))
 
 
 def test_the_model_trains_with_dropout_on_the_kernel(monkeypatch):
