@@ -31,6 +31,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # Triton ships with CUDA builds of torch; without it only the reference attention runs.
     import triton
@@ -1575,7 +1576,9 @@ def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, se
     groups, c_h = weights.shape[0], weights.shape[-1]
     theta32 = theta_post.float()
     targets = v.repeat_interleave(heads // v.shape[1], dim=1)  # (B, H, N, d): each target head's values
-    vhat = _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end)
+    # Made again in the backward rather than kept: for theta's gradient autograd kept the c_k' shifted copies of each
+    # head's n_e value heads, 10 of the 32 times the values' bytes that this layer kept (3 x 5 kernel, mixing of 2).
+    vhat = checkpoint(_post_conv_values, targets, theta32, left, c_h, group, seg_start, seg_end, use_reentrant=False)
     y, _, lse, sband = _attention_op(q, k, vhat.to(v.dtype), theta, None, key_padding, c_q * group, seg_start,
                                      seg_end, 0.0, seed, left)
     # Half-precision tensors meet float32 ones below, so products come out in float32 while autograd keeps the

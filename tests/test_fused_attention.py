@@ -363,6 +363,24 @@ def test_the_mixed_attention_keeps_only_its_inputs_z_and_lse_for_the_backward(kv
     assert not any(t.dtype == torch.float32 and t.numel() >= batch * heads * n * d for t in saved)
 
 
+def test_the_post_softmax_conv_keeps_no_shifted_copies_of_the_values_for_the_backward():
+    # Autograd through the mixed values (vhat) kept c_k' shifted copies of each head's n_e value heads for theta's
+    # gradient: 10 of the 32 times the values' bytes that the layer kept at 3 x 5 with mixing of 2 (no GQA). vhat is
+    # made again in the backward; what is kept: vhat and Y (6 each), q, k, v and the values once more (4), the
+    # shifted Y in float32 for the mixing's gradient (4), and small tensors.
+    batch, heads, n, d = 1, 4, 32, 16
+    q, k, v = (torch.randn(batch, heads, n, d, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    post = (0.3 * torch.randn(heads, 1, 3, 5)).requires_grad_()
+    mix = torch.randn(heads // 2, 2, 2, requires_grad=True)
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault((t.data_ptr(), t.shape), t) if
+                                                  t.data_ptr() else t, lambda t: t):
+        mta_triton.mta_attention_fused(q, k, v, None, mix, kq_conv_post_weight=post)
+    values = v.numel() * v.element_size()
+    assert sum(t.numel() * t.element_size() for t in saved.values()) < 24 * values
+    assert not any(t.shape[-2:] == (n, d) and t.dim() == 6 for t in saved.values())  # (B, H, 1, n_e, N, d) copies
+
+
 def test_padding_given_per_token():
     check_against_reference(starts=[0, 5], ends=[37, 30], per_token=True)
     check_against_reference(starts=[3, 0], ends=[37, 30], size=None, per_token=True)
@@ -684,13 +702,19 @@ def test_the_kernels_are_a_well_formed_custom_op(layout):
                                lse.detach(), "both", 2, *segments, 0.2, seed), test_utils=checks)
 
 
-def test_torch_compile_takes_the_kernel_whole():
-    # fullgraph: no graph break anywhere in the fused attention; aot_eager traces forward and backward.
+@pytest.mark.parametrize("post", [None, (2, 3)], ids=["kq-conv", "and-post-softmax-conv"])
+def test_torch_compile_takes_the_kernel_whole(post):
+    # fullgraph: no graph break anywhere in the fused attention; aot_eager traces forward and backward (with the post-
+    # softmax conv, through its recomputed mixed values).
     compiled = torch.compile(mta_triton.mta_attention_fused, fullgraph=True, backend="aot_eager")
     results = []
     for attention in (mta_triton.mta_attention_fused, compiled):
         inputs = small_inputs()
-        out = attention(*inputs, segments=mta_triton.row_segments(torch.tensor([0, 4]), torch.tensor([21, 18])))
+        if post:
+            inputs = (*inputs, (0.4 * torch.randn(4, 1, *post, generator=torch.Generator().manual_seed(1))).to(
+                DEVICE).requires_grad_())
+        out = attention(*inputs[:5], segments=mta_triton.row_segments(torch.tensor([0, 4]), torch.tensor([21, 18])),
+                        kq_conv_post_weight=inputs[5] if post else None)
         results.append([out, *torch.autograd.grad(out, inputs, torch.ones_like(out))])
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager, rtol=1e-6, atol=1e-6)
