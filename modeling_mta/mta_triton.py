@@ -1569,23 +1569,32 @@ def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, se
     """The attention output (B, H, N, d) with a post-softmax kq conv (theta_post (H, 1, c_q', c_k')) and then the
     post-softmax head mixing `mix`, if any; `group` is the kernels' group size (`_kernel_group`: 1 where a group's
     value heads are one)."""
-    heads, n = q.shape[1], q.shape[2]
+    heads = q.shape[1]
     c_q, c_k = theta_post.shape[-2:]
     left = key_padding_left(key_padding, c_k)
     weights = mix.float() if mix is not None else torch.ones(heads, 1, 1, device=q.device)
-    groups, c_h = weights.shape[0], weights.shape[-1]
     theta32 = theta_post.float()
     targets = v.repeat_interleave(heads // v.shape[1], dim=1)  # (B, H, N, d): each target head's values
     # Made again in the backward rather than kept: for theta's gradient autograd kept the c_k' shifted copies of each
     # head's n_e value heads, 10 of the 32 times the values' bytes that this layer kept (3 x 5 kernel, mixing of 2).
-    vhat = checkpoint(_post_conv_values, targets, theta32, left, c_h, group, seg_start, seg_end, use_reentrant=False)
+    vhat = checkpoint(_post_conv_values, targets, theta32, left, weights.shape[-1], group, seg_start, seg_end,
+                      use_reentrant=False)
     y, _, lse, sband = _attention_op(q, k, vhat.to(v.dtype), theta, None, key_padding, c_q * group, seg_start,
                                      seg_end, 0.0, seed, left)
-    # Half-precision tensors meet float32 ones below, so products come out in float32 while autograd keeps the
-    # half-precision factors (float32 copies of the values were most of this layer's memory).
+    # Made again in the backward too: kept, the float32 shifted Y and the values' rolled copies for R were 7 more.
+    out = checkpoint(_post_conv_rows, y, lse, sband, theta32, weights, targets, group, seg_start, seg_end,
+                     use_reentrant=False)
+    return out.to(q.dtype)
+
+
+def _post_conv_rows(y, lse, sband, theta32, weights, targets, group, seg_start, seg_end):
+    """`_post_conv_attention`'s output from Y (B, H, N, c_q' * n_e * d), the rows' log-sum-exp and the scores next to
+    the diagonal: Y shifted by its rows' offsets and added inside each segment, less what it holds beyond the
+    diagonal, mixed (float32)."""
+    c_q, left, n = theta32.shape[-2], sband.shape[2], y.shape[2]
     y = y.unflatten(-1, (c_q, group, -1))  # (B, H, N, c_q', n_e, d)
     beyond = _beyond_diagonal(torch.exp(sband - lse[:, :, None, :]), theta32, left)  # (B, H, c_q', p', N)
-    rows = torch.arange(n, device=q.device)
+    rows = torch.arange(n, device=y.device)
     shifted, held = 0.0, 0.0
     for a in range(c_q):
         s = c_q - 1 - a
@@ -1597,15 +1606,14 @@ def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, se
     def ahead(m):  # V[i + m], and whether key i + m is in row i's segment
         return torch.roll(targets, -m, dims=2), (rows + m < seg_end).float()[:, None]
 
-    return _mixed_post_conv_output(shifted, held, weights, group, ahead).to(q.dtype)
+    return _mixed_post_conv_output(shifted, held, weights, group, ahead)
 
 
 def _mixed_post_conv_output(shifted, held, weights, group, ahead):
     """O_e = sum_c W[c, e] (shifted_{c, e} - R_{c, e}): the shifted and added Y (B, H, rows, n_e, d), mixed over each
     group's source heads, less R = sum_m held[m - 1] V_e[i + m] (held (B, H, p', rows), the weights that Y gave keys
     beyond the diagonal); `ahead(m)` gives those keys' values (B, H, rows, d) and where they count (a 0/1 factor per
-    row). The values stay in their dtype: autograd keeps them for the weights' gradient (float32 copies were most of
-    the post-softmax conv's memory)."""
+    row)."""
     groups, c_h = weights.shape[0], weights.shape[-1]
     by_group = shifted.unflatten(1, (groups, c_h))
     if group == 1:
