@@ -93,9 +93,12 @@ def main():
                 for tiles in [mt._tiles(kernel, head_dim, c_q, e, c_h // e, 2, flags.get("DROPOUT", False))] + extra:
                     report_kernel(kernel, head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, flags, *tiles)
         if args.variants:
-            decode = dict(C_K=11, PAD=5, STRIPE=10, C_H=2, BM=16, BN=64 if head_dim <= 128 else 32, D=head_dim, DQK=head_dim,
-                          DOT_PRECISION="tf32", E=2)
+            decode = dict(C_K=11, PAD=5, STRIPE=10, BAND=0, C_H=2, BM=16, BN=64 if head_dim <= 128 else 32, D=head_dim,
+                          DQK=head_dim, DOT_PRECISION="tf32", E=2, OWN_VALUES=False)
             print(f"d={head_dim:<3} decode 6x11 c_h=2  {report(mt._mta_decode_kernel, decode, 4, 1)}", flush=True)
+            # with a post-softmax 3 x 5 conv: 3 x 2 own value heads, 2 at a time, and the band's scores
+            post = dict(decode, BAND=2, C_H=6, OWN_VALUES=True)
+            print(f"d={head_dim:<3} decode 6x11 post 3x5  {report(mt._mta_decode_kernel, post, 4, 1)}", flush=True)
     if args.variants:  # the stripe's convolution (no head_dim), one and two source heads per column block
         tiles = mt._stripe_tiles(10, 15, 11)
         for c_p in (1, 2):
