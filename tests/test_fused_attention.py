@@ -300,6 +300,13 @@ def test_clean_tiles_match_the_reference(case, monkeypatch):
     check_against_reference(**{"n": 80, "starts": [0, 2], "ends": [80, 75], **case})
 
 
+def test_a_launch_with_a_constant_the_kernel_does_not_take_is_refused():
+    # The GPU refuses such a launch; the interpreter would run it, so the CPU tests could not see the mistake.
+    with pytest.raises(TypeError, match=r"_mix_forward_kernel takes no \['BAND'\]"):
+        mta_triton._launch(mta_triton._mix_forward_kernel, lambda bm, bn: (1,), (torch.zeros(1),), (16, 16, 4, 1),
+                           dict(C_H=2, BAND=0))
+
+
 def test_a_tiling_too_large_for_shared_memory_is_retried_with_fewer_stages_then_smaller_tiles(monkeypatch):
     monkeypatch.setattr(mta_triton, "_FITTED_TILINGS", {})
     launched = []
