@@ -2,7 +2,7 @@
 bf16 autocast on the attention's output as the model hands it over ((B, H, N, d) transposed to (B, N, H, d)).
 
 For each shape: time per call by CUDA events (what a step waits for, launches included), the kernels' GPU time by
-the profiler, and the largest relative error of the output and both gradients against the float64 reference.
+the profiler, and the relative (L2) error of the output and both gradients against the float64 reference.
 Prints a table with the ratios Triton / torch.
 
     python benchmarks/bench_group_norm.py --out benchmarks/results/group-norm-h200.json   # the 350M model's shape
@@ -22,6 +22,11 @@ from torch.profiler import ProfilerActivity, profile
 from modeling_mta.modeling_mta import MTAGroupNorm
 from modeling_mta.mta_reference import group_norm
 
+try:
+    from bench_attention import timed_ms  # run as a script: its folder is on the path
+except ImportError:
+    from benchmarks.bench_attention import timed_ms  # imported from the repository's root (the tests)
+
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
@@ -36,19 +41,15 @@ def measure(module: MTAGroupNorm, x: torch.Tensor, dy: torch.Tensor, fused: bool
         return y, torch.autograd.grad(y, (x, module.weight), dy)
 
     step()  # compiles
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
+    if device == "cuda":
+        event_ms = timed_ms(step, max_reps=repeats)
+    else:
+        times = []
+        for _ in range(repeats):
             begin = time.perf_counter()
             step()
             times.append((time.perf_counter() - begin) * 1000)
+        event_ms = statistics.median(times)
     activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         step()
@@ -56,7 +57,7 @@ def measure(module: MTAGroupNorm, x: torch.Tensor, dy: torch.Tensor, fused: bool
             torch.cuda.synchronize()
     kernel_ms = sum(e.device_time_total for e in prof.key_averages()) / 1000 if device == "cuda" else None
     y, (dx, dw) = step()
-    return {"event_ms": statistics.median(times), "kernel_ms": kernel_ms, "out": y, "dx": dx, "dw": dw}
+    return {"event_ms": event_ms, "kernel_ms": kernel_ms, "out": y, "dx": dx, "dw": dw}
 
 
 def main(argv=None) -> list[dict]:
