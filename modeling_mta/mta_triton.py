@@ -1214,6 +1214,14 @@ def _launch(kernel, grid, args, tiling, constants):
         _FITTED_TILINGS[key] = (bm, bn, warps, stages)
 
 
+def _value_heads(heads: int, v_heads: int, c_h: int) -> tuple[bool, int]:
+    """(own values, query heads per value head): whether each query head has c_h value heads of its own (v holds
+    heads * c_h: the post-softmax kq conv's mixed values, `_post_conv_values`), and else how many query heads share
+    one value head (GQA)."""
+    own = c_h > 1 and v_heads == heads * c_h
+    return own, 1 if own else heads // v_heads
+
+
 class _Launch:
     """What the kernels of one call are compiled and launched with, from the shapes of its inputs."""
 
@@ -1226,9 +1234,7 @@ class _Launch:
         # their own.
         self.c_p = q.shape[-1] // v.shape[-1] if self.has_conv else 1
         self.c_h = c_h
-        # The post-softmax kq conv gives each source head c_h value heads of its own (`_post_conv_values`).
-        own_values = c_h > 1 and v.shape[1] == q.shape[1] * c_h
-        self.value_share = 1 if own_values else q.shape[1] // v.shape[1]
+        own_values, self.value_share = _value_heads(q.shape[1], v.shape[1], c_h)
         self.e = value_chunk(c_h, v.shape[-1])
         self.chunks = c_h // self.e
         # q and k are wider than the values (c_p * d) with pre-softmax head mixing (`_premixed`): the scale is the
@@ -1788,15 +1794,14 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows, near=0):
     z = _output((batch, heads, new_rows, c_h * head_dim), q_rows)
     lse = _output((batch, heads, new_rows), q_rows, torch.float32)
     sband = torch.full((batch, heads, near, new_rows), float("-inf"), device=q_rows.device, dtype=torch.float32)
-    own_values = c_h > 1 and v.shape[1] == heads * c_h
+    own_values, value_share = _value_heads(heads, v.shape[1], c_h)
     e = value_chunk(c_h, head_dim)
     # One stage: the c_k shifted key tiles of a step, pipelined, took 245 KB (d = 64) and 481 KB (d = 128) of
     # shared memory at three stages on an H200.
     tiling = (16, 64 if head_dim * e <= 256 and width_qk <= 128 else 32, 4, 1)
     _launch(_mta_decode_kernel, lambda bm, bn: _grid(new_rows, bm, batch * heads, c_h // e),
             (qhat, k, v, cband, z, lse, sband, key_start, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-             v.stride(1), v.stride(2), new_rows, length, heads, heads // k.shape[1],
-             1 if own_values else heads // v.shape[1]), tiling,
+             v.stride(1), v.stride(2), new_rows, length, heads, heads // k.shape[1], value_share), tiling,
             dict(C_K=c_k, PAD=pad, STRIPE=stripe, BAND=near, C_H=c_h, D=head_dim, DQK=width_qk, E=e,
                  DOT_PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32", OWN_VALUES=own_values))
     return z, lse, sband
