@@ -121,10 +121,11 @@ def report_kernel(kernel, head_dim, has_conv, c_q, c_k, pad, stripe, c_h, e, fla
                            DOT_PRECISION="tf32", PACKED=False, DROPOUT=False, E=e, BAND=0, OWN_VALUES=False), **flags)
     constexprs["NEAR"] = max(stripe, constexprs["BAND"])
     if kernel in ("dkdv", "dv"):  # the key-major kernels mix their key tiles themselves
-        constexprs.update(C_K=c_k, PAD=pad, C_P=1)
+        constexprs.update(C_K=c_k, PAD=pad, C_P=1, KEY_MAJOR=mt._key_major_tiles(head_dim, c_q, e, c_h // e, 2,
+                                                                              constexprs["DROPOUT"]))
     if kernel == "dv":  # (it takes no dS)
         del constexprs["BAND"]
-    extra = "".join(f" {name.lower()}" for name, on in flags.items() if on)
+    extra = "".join(f" {name.lower()}" for name, on in dict(flags, KEY_MAJOR=constexprs.get("KEY_MAJOR")).items() if on)
     label = (f"d={head_dim:<3} conv={'6x11' if has_conv else 'none':<4} c_h={c_h:<2} E={e} BM={bm:<3} BN={bn:<3} "
              f"warps={warps} stages={stages}{extra}")
     print(f"{label}  {kernel:<5} {report(KERNEL_FUNCTIONS[kernel], constexprs, warps, stages)}", flush=True)

@@ -411,31 +411,63 @@ def _own_key_tiles(k_base, theta_ptr, h, cols, cs, ce, stride_kn, N, HAS_CONV: t
 
 
 @triton.jit
+def _along_rows(x, KEY_MAJOR: tl.constexpr):
+    """A vector over a tile's query rows, laid along its query axis. The query-major kernels hold (queries x keys)
+    tiles; the key-major ones (keys x queries), so that each of their products has the key block as its M side and
+    takes its operands as they are, with no transposed copy through shared memory."""
+    return x[None, :] if KEY_MAJOR else x[:, None]
+
+
+@triton.jit
+def _along_cols(x, KEY_MAJOR: tl.constexpr):
+    """A vector over a tile's key columns, laid along its key axis (see `_along_rows`)."""
+    return x[:, None] if KEY_MAJOR else x[None, :]
+
+
+@triton.jit
+def _key_major(x, KEY_MAJOR: tl.constexpr):
+    """A tile (or a stack of them, (E, tile)) as (keys x queries): as it is in a key-major kernel, else transposed."""
+    if KEY_MAJOR:
+        return x
+    elif len(x.shape) == 3:
+        return tl.permute(x, (0, 2, 1))
+    else:
+        return tl.trans(x)
+
+
+@triton.jit
 def _scores(qs, ks, cband_base, rows, cols, N, scale, C_Q: tl.constexpr, STRIPE: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """Scores of a (rows x cols) tile after the key-query convolution, before any mask: the sum of c_q products of
+            DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """Scores of a tile of rows and cols after the key-query convolution, before any mask: the sum of c_q products of
     shifted queries with mixed keys, and on the stripe (which only MASKED tiles reach) its exact values."""
-    s = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
-    for a in tl.static_range(C_Q):
-        s = tl.dot(qs[a], tl.trans(ks[a]), s, input_precision=DOT_PRECISION)
+    if KEY_MAJOR:
+        s = tl.zeros([cols.shape[0], rows.shape[0]], dtype=tl.float32)
+        for a in tl.static_range(C_Q):
+            s = tl.dot(ks[a], tl.trans(qs[a]), s, input_precision=DOT_PRECISION)
+    else:
+        s = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+        for a in tl.static_range(C_Q):
+            s = tl.dot(qs[a], tl.trans(ks[a]), s, input_precision=DOT_PRECISION)
     s = s * scale
     if MASKED and STRIPE > 0:
-        t = cols[None, :] - rows[:, None] + (STRIPE - 1)
-        in_stripe = (t >= 0) & (t < STRIPE) & (rows < N)[:, None]
-        exact = tl.load(cband_base + t * N + rows[:, None], mask=in_stripe, other=0.0)
+        r, c = _along_rows(rows, KEY_MAJOR), _along_cols(cols, KEY_MAJOR)
+        t = c - r + (STRIPE - 1)
+        in_stripe = (t >= 0) & (t < STRIPE) & _along_rows(rows < N, KEY_MAJOR)
+        exact = tl.load(cband_base + t * N + r, mask=in_stripe, other=0.0)
         s = tl.where(in_stripe, exact, s)
     return s
 
 
 @triton.jit
-def _visible(rows, cols, rs, re):
+def _visible(rows, cols, rs, re, KEY_MAJOR: tl.constexpr):
     row_ok = (rows >= rs) & (rows < re)
-    return (cols[None, :] <= rows[:, None]) & (cols[None, :] >= rs[:, None]) & row_ok[:, None]
+    r, c = _along_rows(rows, KEY_MAJOR), _along_cols(cols, KEY_MAJOR)
+    return (c <= r) & (c >= _along_rows(rs, KEY_MAJOR)) & _along_rows(row_ok, KEY_MAJOR)
 
 
 @triton.jit
-def _stripe(rows, cols, STRIPE: tl.constexpr):
-    t = cols[None, :] - rows[:, None] + (STRIPE - 1)
+def _stripe(rows, cols, STRIPE: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    t = _along_cols(cols, KEY_MAJOR) - _along_rows(rows, KEY_MAJOR) + (STRIPE - 1)
     return (t >= 0) & (t < STRIPE)
 
 
@@ -503,12 +535,13 @@ def _value_chunk(h, C_H: tl.constexpr, E: tl.constexpr, OWN_VALUES: tl.constexpr
 
 
 @triton.jit
-def _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E: tl.constexpr):
-    """(E, rows, cols): 1 / (1 - p) where target head first + e keeps the probability (i, j), else 0.
+def _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """(E, tile): 1 / (1 - p) where target head first + e keeps the probability (i, j), else 0.
     The mask belongs to the target head (dropout acts on the mixed probabilities) and is a function of
     (seed, batch row, head, i, j) alone, so the backward draws the same one."""
     head = b * H + first + tl.arange(0, E)
-    offsets = (head[:, None, None] * N + rows[None, :, None]) * N + cols[None, None, :]
+    r, c = _along_rows(rows, KEY_MAJOR), _along_cols(cols, KEY_MAJOR)
+    offsets = (head[:, None, None] * N + r[None, :, :]) * N + c[None, :, :]
     return tl.where(tl.rand(tl.load(seed_ptr), offsets) >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
 
 
@@ -536,11 +569,11 @@ def _online_softmax(s, m, l):
 
 
 @triton.jit
-def _near_diagonal(rows, cols, N, BAND: tl.constexpr):
+def _near_diagonal(rows, cols, N, BAND: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """For each entry (i, j) of a tile, its offset i - j below the diagonal and whether it is one of the BAND
     nearest (0 .. BAND - 1): where the post-softmax kq conv needs the scores (`sband`) and adds their gradient."""
-    offset = rows[:, None] - cols[None, :]
-    return offset, (offset >= 0) & (offset < BAND) & (rows < N)[:, None]
+    offset = _along_rows(rows, KEY_MAJOR) - _along_cols(cols, KEY_MAJOR)
+    return offset, (offset >= 0) & (offset < BAND) & _along_rows(rows < N, KEY_MAJOR)
 
 
 @triton.jit
@@ -555,15 +588,15 @@ def _fwd_step(
     the diagonal go to sband (B, H, BAND, N) as well, -inf where masked."""
     cols = n0 + tl.arange(0, BN)
     ks = _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV, C_Q, DQK)
-    s = _scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED)
+    s = _scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED, False)
     if MASKED:
-        s = tl.where(_visible(rows, cols, rs, re), s, float("-inf"))
+        s = tl.where(_visible(rows, cols, rs, re, False), s, float("-inf"))
         if BAND > 0:
-            offset, near = _near_diagonal(rows, cols, N, BAND)
+            offset, near = _near_diagonal(rows, cols, N, BAND, False)
             tl.store(sband_base + offset * N + rows[:, None], s, mask=near)
     p, alpha, m_new, l = _online_softmax(s, m, l)
     values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D)
-    keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
+    keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E, False) if DROPOUT else 0.0
     return acc * alpha[:, None] + _probs_times_values(p, values, keep, E, D, DOT_PRECISION, DROPOUT), m_new, l
 
 
@@ -623,26 +656,34 @@ def _probs_times_values(p, values, keep, E: tl.constexpr, D: tl.constexpr, DOT_P
 
 @triton.jit
 def _one_mask(p, keep, DROPOUT: tl.constexpr):
-    """p through the dropout mask of one target head (keep is (1, rows, cols)): with one value head held, the
+    """p through the dropout mask of one target head (keep is (1, tile)): with one value head held, the
     products stay plain 2-D ones, which take the large tilings (3-D products need small ones)."""
     return p * tl.reshape(keep, p.shape) if DROPOUT else p
 
 
 @triton.jit
-def _probs(s, lse, rows, cols, rs, re, MASKED: tl.constexpr):
+def _probs(s, lse, rows, cols, rs, re, MASKED: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """The probabilities of a tile, recomputed from its scores and the rows' log-sum-exp."""
-    p = tl.exp(s - lse[:, None])
+    p = tl.exp(s - _along_rows(lse, KEY_MAJOR))
     if MASKED:
-        p = tl.where(_visible(rows, cols, rs, re), p, 0.0)
+        p = tl.where(_visible(rows, cols, rs, re, KEY_MAJOR), p, 0.0)
     return p
 
 
 @triton.jit
-def _dprobs(dz, values, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+def _dprobs(dz, values, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+            KEY_MAJOR: tl.constexpr):
     """The share of dP = sum_e dZ_e V_e^T of E value heads side by side, through their dropout masks."""
     if DROPOUT and E > 1:
-        dp = tl.dot(_by_head(dz, E, D), tl.permute(_by_head(values, E, D), (0, 2, 1)), input_precision=DOT_PRECISION)
+        if KEY_MAJOR:
+            dp = tl.dot(_by_head(values, E, D), tl.permute(_by_head(dz, E, D), (0, 2, 1)),
+                        input_precision=DOT_PRECISION)
+        else:
+            dp = tl.dot(_by_head(dz, E, D), tl.permute(_by_head(values, E, D), (0, 2, 1)),
+                        input_precision=DOT_PRECISION)
         return tl.sum(dp * keep, axis=0)
+    elif KEY_MAJOR:
+        return _one_mask(tl.dot(values, tl.trans(dz), input_precision=DOT_PRECISION), keep, DROPOUT)
     else:
         return _one_mask(tl.dot(dz, tl.trans(values), input_precision=DOT_PRECISION), keep, DROPOUT)
 
@@ -657,35 +698,39 @@ def _dz_tile(dz_ptr, bh, rows, N, C_H: tl.constexpr, chunk, E: tl.constexpr, D: 
 @triton.jit
 def _dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
                        stride_vb, stride_vh, stride_vn, C_H: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, OWN_VALUES: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, OWN_VALUES: tl.constexpr,
+                       KEY_MAJOR: tl.constexpr):
     """dP of a tile over all C_H value heads, E at a time: for groups too wide to hold side by side."""
-    dp = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    dp = tl.zeros((_along_rows(rows, KEY_MAJOR) + _along_cols(cols, KEY_MAJOR)).shape, dtype=tl.float32)
     # A loop, not unrolled (static_range): unrolled, the dZ tiles of all chunks, invariant over key blocks, were
     # hoisted out of the dQ kernel's key loop together (a group of 16 at d = 128 in float32 asked 240 KB).
     for chunk in range(C_H // E):
         first = _first_value(h, C_H, OWN_VALUES) + chunk * E
         values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, N, GQA, E, D)
-        keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
-        dp += _dprobs(_dz_tile(dz_ptr, bh, rows, N, C_H, chunk, E, D), values, keep, E, D, DOT_PRECISION, DROPOUT)
+        keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E, KEY_MAJOR) if DROPOUT else 0.0
+        dp += _dprobs(_dz_tile(dz_ptr, bh, rows, N, C_H, chunk, E, D), values, keep, E, D, DOT_PRECISION, DROPOUT,
+                      KEY_MAJOR)
     return dp
 
 
 @triton.jit
-def _dvalues(p, dz, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+def _dvalues(p, dz, keep, E: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+             KEY_MAJOR: tl.constexpr):
     """P^T dZ_e for E value heads side by side, with the P each met (through its dropout mask)."""
     if DROPOUT and E > 1:
-        kept = tl.permute(keep * p[None, :, :], (0, 2, 1))
+        kept = _key_major(keep * p[None, :, :], KEY_MAJOR)
         return _side_by_side(tl.dot(kept.to(dz.dtype), _by_head(dz, E, D), input_precision=DOT_PRECISION), E, D)
     else:
-        return tl.dot(tl.trans(_one_mask(p, keep, DROPOUT).to(dz.dtype)), dz, input_precision=DOT_PRECISION)
+        return tl.dot(_key_major(_one_mask(p, keep, DROPOUT).to(dz.dtype), KEY_MAJOR), dz,
+                      input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def _add_band_grad(ds, dsband_base, rows, cols, N, BAND: tl.constexpr):
+def _add_band_grad(ds, dsband_base, rows, cols, N, BAND: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """dS plus the gradient that the scores next to the diagonal (`sband`) received directly."""
     if BAND > 0:
-        offset, near = _near_diagonal(rows, cols, N, BAND)
-        ds += tl.load(dsband_base + offset * N + rows[:, None], mask=near, other=0.0)
+        offset, near = _near_diagonal(rows, cols, N, BAND, KEY_MAJOR)
+        ds += tl.load(dsband_base + offset * N + _along_rows(rows, KEY_MAJOR), mask=near, other=0.0)
     return ds
 
 
@@ -695,34 +740,35 @@ def _dkdv_step(
     seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn, stride_vb, stride_vh, stride_vn, N, H, GQA, scale,
     dropout_p, C_Q: tl.constexpr, STRIPE: tl.constexpr, BAND: tl.constexpr, C_H: tl.constexpr, BM: tl.constexpr,
     D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr,
-    E: tl.constexpr, OWN_VALUES: tl.constexpr, MASKED: tl.constexpr,
+    E: tl.constexpr, OWN_VALUES: tl.constexpr, MASKED: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
     """The key-major backward's accumulators after the query block at m0: the gradients of the key tiles (khat_a
     with the convolution) and, for groups held side by side, of the values."""
     rows = m0 + tl.arange(0, BM)
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     lse = tl.load(lse_ptr + bh * N + rows, mask=rows < N, other=0.0)
-    delta = tl.load(delta_ptr + bh * N + rows, mask=rows < N, other=0.0)
+    delta = _along_rows(tl.load(delta_ptr + bh * N + rows, mask=rows < N, other=0.0), KEY_MAJOR)
     qs = _query_tiles(q_base, rows, rs, re, stride_qn, C_Q, DQK)
-    p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED),
-               lse, rows, cols, rs, re, MASKED)
+    p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED, KEY_MAJOR),
+               lse, rows, cols, rs, re, MASKED, KEY_MAJOR)
     if E == C_H:
         dz = _dz_tile(dz_ptr, bh, rows, N, C_H, 0, C_H, D)
-        keep = _dropout_scale(seed_ptr, b, h // C_H * C_H, rows, cols, N, H, dropout_p, C_H) if DROPOUT else 0.0
-        ds = p * (_dprobs(dz, values, keep, C_H, D, DOT_PRECISION, DROPOUT) - delta[:, None])
-        dvalues += _dvalues(p, dz, keep, C_H, D, DOT_PRECISION, DROPOUT)
+        keep = (_dropout_scale(seed_ptr, b, h // C_H * C_H, rows, cols, N, H, dropout_p, C_H, KEY_MAJOR) if DROPOUT
+                else 0.0)
+        ds = p * (_dprobs(dz, values, keep, C_H, D, DOT_PRECISION, DROPOUT, KEY_MAJOR) - delta)
+        dvalues += _dvalues(p, dz, keep, C_H, D, DOT_PRECISION, DROPOUT, KEY_MAJOR)
     else:
         ds = p * (_dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
-                                     stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT, OWN_VALUES)
-                  - delta[:, None])
+                                     stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT, OWN_VALUES,
+                                     KEY_MAJOR) - delta)
     if MASKED:
-        ds = _add_band_grad(ds, dsband_base, rows, cols, N, BAND)
+        ds = _add_band_grad(ds, dsband_base, rows, cols, N, BAND, KEY_MAJOR)
     if MASKED and STRIPE > 0:
-        ds = tl.where(_stripe(rows, cols, STRIPE), 0.0, ds)  # the stripe's gradient goes through the band
-    ds = ds.to(qs[0].dtype)
+        ds = tl.where(_stripe(rows, cols, STRIPE, KEY_MAJOR), 0.0, ds)  # the stripe's gradient goes through the band
+    ds = _key_major(ds.to(qs[0].dtype), KEY_MAJOR)
     updated = ()
     for a in tl.static_range(C_Q):
-        updated = updated + (tl.dot(tl.trans(ds), qs[a], dks[a], input_precision=DOT_PRECISION),)
+        updated = updated + (tl.dot(ds, qs[a], dks[a], input_precision=DOT_PRECISION),)
     return updated, dvalues
 
 
@@ -735,10 +781,11 @@ def _mta_bwd_dkdv_kernel(
     HAS_CONV: tl.constexpr, C_Q: tl.constexpr, C_K: tl.constexpr, PAD: tl.constexpr, STRIPE: tl.constexpr,
     BAND: tl.constexpr, NEAR: tl.constexpr, C_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
-    C_P: tl.constexpr, OWN_VALUES: tl.constexpr,
+    C_P: tl.constexpr, OWN_VALUES: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
     """One key block of one source head: gradients of k and theta, and of the group's values when they fit
-    side by side (E = C_H; else `_mta_bwd_dv_kernel` makes those)."""
+    side by side (E = C_H; else `_mta_bwd_dv_kernel` makes those). Its tiles are (keys x queries) with KEY_MAJOR,
+    else (queries x keys) (`_key_major_tiles`)."""
     pid, bh, b, h = _program(H)
     kh = h // GQA_K
     cols = pid * BN + tl.arange(0, BN)
@@ -764,13 +811,15 @@ def _mta_bwd_dkdv_kernel(
         dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dsband_base, dz_ptr, v_ptr,
                                   lse_ptr, delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn,
                                   stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, BAND,
-                                  C_H, BM, D, DQK, DOT_PRECISION, PACKED, DROPOUT, E, OWN_VALUES, False)
+                                  C_H, BM, D, DQK, DOT_PRECISION, PACKED, DROPOUT, E, OWN_VALUES, False,
+                                  KEY_MAJOR)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BM)):
         m0 = _masked_block(i, lo, clean_lo, clean_hi, BM)
         dks, dvalues = _dkdv_step(dks, dvalues, ks, values, m0, cols, q_base, cband_base, dsband_base, dz_ptr, v_ptr,
                                   lse_ptr, delta_ptr, seg_start_ptr, seg_end_ptr, seed_ptr, bh, b, h, stride_qn,
                                   stride_vb, stride_vh, stride_vn, N, H, GQA, scale, dropout_p, C_Q, STRIPE, BAND,
-                                  C_H, BM, D, DQK, DOT_PRECISION, PACKED, DROPOUT, E, OWN_VALUES, True)
+                                  C_H, BM, D, DQK, DOT_PRECISION, PACKED, DROPOUT, E, OWN_VALUES, True,
+                                  KEY_MAJOR)
 
     if E == C_H:
         _add_dvalues(dv_ptr, dvalues, b, first, cols, col_ok, N, H_KV, GQA, E, D)
@@ -806,17 +855,18 @@ def _dv_step(
     chunk, stride_qn, N, H, scale, dropout_p,
     C_Q: tl.constexpr, STRIPE: tl.constexpr, C_H: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
     DQK: tl.constexpr, DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
     """The value gradients of one chunk after the query block at m0."""
     rows = m0 + tl.arange(0, BM)
     rs, re = _segments(seg_start_ptr, seg_end_ptr, b, rows, N, PACKED)
     lse = tl.load(lse_ptr + bh * N + rows, mask=rows < N, other=0.0)
     qs = _query_tiles(q_base, rows, rs, re, stride_qn, C_Q, DQK)
-    p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED),
-               lse, rows, cols, rs, re, MASKED)
-    keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E) if DROPOUT else 0.0
-    return dvalues + _dvalues(p, _dz_tile(dz_ptr, bh, rows, N, C_H, chunk, E, D), keep, E, D, DOT_PRECISION, DROPOUT)
+    p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED, KEY_MAJOR),
+               lse, rows, cols, rs, re, MASKED, KEY_MAJOR)
+    keep = _dropout_scale(seed_ptr, b, first, rows, cols, N, H, dropout_p, E, KEY_MAJOR) if DROPOUT else 0.0
+    return dvalues + _dvalues(p, _dz_tile(dz_ptr, bh, rows, N, C_H, chunk, E, D), keep, E, D, DOT_PRECISION, DROPOUT,
+                              KEY_MAJOR)
 
 
 @triton.jit
@@ -828,6 +878,7 @@ def _mta_bwd_dv_kernel(
     NEAR: tl.constexpr, C_H: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DQK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PACKED: tl.constexpr, DROPOUT: tl.constexpr, E: tl.constexpr, C_P: tl.constexpr, OWN_VALUES: tl.constexpr,
+    KEY_MAJOR: tl.constexpr,
 ):
     """For groups too wide to hold side by side: one key block of one source head, the gradients of one
     chunk of E of its group's values (P^T dZ_e, P recomputed)."""
@@ -848,12 +899,12 @@ def _mta_bwd_dv_kernel(
     for m0 in range(clean_lo, clean_hi, BM):
         dvalues = _dv_step(dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
                            seed_ptr, bh, b, first, chunk, stride_qn, N, H, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                           DQK, DOT_PRECISION, PACKED, DROPOUT, E, False)
+                           DQK, DOT_PRECISION, PACKED, DROPOUT, E, False, KEY_MAJOR)
     for i in range(0, _masked_blocks(lo, clean_lo, clean_hi, hi, BM)):
         m0 = _masked_block(i, lo, clean_lo, clean_hi, BM)
         dvalues = _dv_step(dvalues, ks, m0, cols, q_base, cband_base, dz_ptr, lse_ptr, seg_start_ptr, seg_end_ptr,
                            seed_ptr, bh, b, first, chunk, stride_qn, N, H, scale, dropout_p, C_Q, STRIPE, C_H, BM, D,
-                           DQK, DOT_PRECISION, PACKED, DROPOUT, E, True)
+                           DQK, DOT_PRECISION, PACKED, DROPOUT, E, True, KEY_MAJOR)
     _add_dvalues(dv_ptr, dvalues, b, first, cols, col_ok, N, H_KV, GQA, E, D)
 
 
@@ -869,21 +920,21 @@ def _dq_step(
     stripe, dC goes to dcband instead."""
     cols = n0 + tl.arange(0, BN)
     ks = _key_tiles(k_base, khat_base, cols, stride_kn, N, HAS_CONV, C_Q, DQK)
-    p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED),
-               lse, rows, cols, rs, re, MASKED)
+    p = _probs(_scores(qs, ks, cband_base, rows, cols, N, scale, C_Q, STRIPE, DOT_PRECISION, MASKED, False),
+               lse, rows, cols, rs, re, MASKED, False)
     if E == C_H:
         values = _value_tile(v_ptr, b, _first_value(h, C_H, OWN_VALUES), cols, stride_vb, stride_vh, stride_vn, N,
                              GQA, C_H, D)
-        keep = _dropout_scale(seed_ptr, b, h // C_H * C_H, rows, cols, N, H, dropout_p, C_H) if DROPOUT else 0.0
-        dp = _dprobs(dz, values, keep, C_H, D, DOT_PRECISION, DROPOUT)
+        keep = _dropout_scale(seed_ptr, b, h // C_H * C_H, rows, cols, N, H, dropout_p, C_H, False) if DROPOUT else 0.0
+        dp = _dprobs(dz, values, keep, C_H, D, DOT_PRECISION, DROPOUT, False)
     else:
         dp = _dprobs_all_chunks(dz_ptr, v_ptr, seed_ptr, bh, b, h, rows, cols, N, H, GQA, dropout_p,
-                                stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT, OWN_VALUES)
+                                stride_vb, stride_vh, stride_vn, C_H, E, D, DOT_PRECISION, DROPOUT, OWN_VALUES, False)
     ds = p * (dp - delta[:, None])
     if MASKED:
-        ds = _add_band_grad(ds, dsband_base, rows, cols, N, BAND)
+        ds = _add_band_grad(ds, dsband_base, rows, cols, N, BAND, False)
     if MASKED and STRIPE > 0:
-        stripe = _stripe(rows, cols, STRIPE) & (rows < N)[:, None]
+        stripe = _stripe(rows, cols, STRIPE, False) & (rows < N)[:, None]
         t = cols[None, :] - rows[:, None] + (STRIPE - 1)
         tl.store(dcband_base + t * N + rows[:, None], ds, mask=stripe)
         ds = tl.where(stripe, 0.0, ds)
@@ -1018,7 +1069,7 @@ def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, 
     g = tl.program_id(2) % (H // C_H)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    scale = _dropout_scale(seed_ptr, b, g * C_H, rows, cols, N, H, dropout_p, C_H)
+    scale = _dropout_scale(seed_ptr, b, g * C_H, rows, cols, N, H, dropout_p, C_H, False)
     head = b * H + g * C_H + tl.arange(0, C_H)
     ok = (rows < N)[None, :, None] & (cols < N)[None, None, :]
     tl.store(out_ptr + (head[:, None, None] * N + rows[None, :, None]) * N + cols[None, None, :], scale, mask=ok)
@@ -1070,7 +1121,7 @@ def _mta_decode_kernel(
         visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] >= start) & row_ok[:, None]
         s = tl.where(visible, s, float("-inf"))
         if BAND > 0:
-            offset, near = _near_diagonal(pos, cols, L, BAND)
+            offset, near = _near_diagonal(pos, cols, L, BAND, False)
             tl.store(sband_ptr + (bh * BAND + offset) * M + rows[:, None], s, mask=near & (rows < M)[:, None])
         p, alpha, m_new, l = _online_softmax(s, m, l)
         values = _value_tile(v_ptr, b, first, cols, stride_vb, stride_vh, stride_vn, L, GQA, E, D)
@@ -1168,14 +1219,16 @@ def _tiles(kernel: str, head_dim: int, c_q: int, e: int, chunks: int, element_si
     # Groups in chunks load dZ and V of every chunk at each step of the backward: two stages of those took
     # 320-430 KB of shared memory on an H200 (group of 12 at d = 64).
     stages = 1 if chunks > 1 and kernel in ("dkdv", "dq") else 2
-    large = element_size == 2 and chunks == 1 and (not dropout or e == 1)
+    large = _large_tiles(element_size, chunks, dropout, e)
     if large and c_q > 1 and e * head_dim <= 256:  # (no dV kernel: that is for groups in chunks)
         if head_dim == 128 and c_q <= 2 and e == 1:  # two query shifts leave room for larger query blocks
             return dict(fwd=(128, 64, 8, 1), dkdv=(64, 32, 4, 1), dq=(64, 32, 4, 1))[kernel]
         if head_dim <= 64 and e * head_dim <= 128:
             return dict(fwd=(64, 64, 4, 2), dkdv=(64, 32, 4, 2), dq=(32, 64, 4, 2))[kernel]
         if head_dim == 128:
-            return dict(fwd=(64, 32, 4, 1), dkdv=(32, 64, 8, 1), dq=(32, 64, 8, 1))[kernel]
+            key_major = _key_major_tiles(head_dim, c_q, e, chunks, element_size, dropout)
+            return dict(fwd=(64, 32, 4, 1), dkdv=(64, 32, 8, 2) if key_major else (32, 64, 8, 1),
+                        dq=(32, 64, 8, 1))[kernel]
     if c_q > 1 or head_dim * e > 256:
         if head_dim <= 64:
             return 32, 32, 4, stages
@@ -1184,6 +1237,20 @@ def _tiles(kernel: str, head_dim: int, c_q: int, e: int, chunks: int, element_si
     if large and kernel == "fwd":
         return 128, 64, 8, 2
     return (64, 64, 4, stages) if head_dim <= 64 else (64, 32, 4, stages)
+
+
+def _large_tiles(element_size: int, chunks: int, dropout: bool, e: int) -> bool:
+    """Whether the kernels may take the large tilings: half precision, the group's value heads side by side, and no
+    3-D products (dropout over several value heads)."""
+    return element_size == 2 and chunks == 1 and (not dropout or e == 1)
+
+
+def _key_major_tiles(head_dim: int, c_q: int, e: int, chunks: int, element_size: int, dropout: bool) -> bool:
+    """Whether the key-major kernels hold (keys x queries) tiles, so that every product has the key block as its M
+    side and no operand goes through shared memory to be transposed. Measured on an H200 (benchmarks/NOTES.md,
+    session 9): 7-11% faster for kq-conv layers at head_dim 128 (with 64-query blocks, whose (queries x keys) form
+    spilled 2.7 KB per thread), 4-7% slower for kq-conv layers at 64 and head-mix-only layers."""
+    return c_q > 2 and head_dim == 128 and e * head_dim <= 256 and _large_tiles(element_size, chunks, dropout, e)
 
 
 # (kernel, tiling, constants, dtype) -> the tiling that fit this GPU's shared memory, where it was not the one asked.
@@ -1250,6 +1317,11 @@ class _Launch:
     def tiling(self, kernel: str) -> tuple[int, int, int, int]:
         return _tiles(kernel, self.head_dim, self.c_q, self.e, self.chunks, self.element_size, self.dropout)
 
+    def key_constants(self) -> dict:
+        """The constants of the key-major kernels (dK/dV and dV), which mix their key tiles themselves."""
+        key_major = _key_major_tiles(self.head_dim, self.c_q, self.e, self.chunks, self.element_size, self.dropout)
+        return dict(self.constants, C_K=self.c_k, PAD=self.pad, C_P=self.c_p, KEY_MAJOR=key_major)
+
 
 def _strides(q, k, v):
     return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -1314,7 +1386,7 @@ def _fused_backward(dz, delta, q, k, v, theta, lse, key_padding, c_h, seg_start,
         del band, dband
     dq = dq.to(q.dtype)
     dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
-    key_constants = dict(run.constants, C_K=run.c_k, PAD=run.pad, C_P=run.c_p)
+    key_constants = run.key_constants()
     _launch(_mta_bwd_dkdv_kernel, lambda bm, bn: _grid(n, bn, batch * heads),
             (q, k, v, cband, theta32, dz, lse, delta, dsband, dk, dv, dtheta, seg_start, seg_end, seed,
              *_strides(q, k, v), n, heads, k_heads, v_heads, heads // k_heads, run.value_share, run.scale, dropout_p),

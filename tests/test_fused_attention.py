@@ -142,6 +142,22 @@ def test_every_tiling_computes_the_same_function(tiles, monkeypatch):
     check_against_reference(n=45, documents=[[0, 20, 21], [0, 9, 40]], post=(3, 5))
 
 
+KEY_MAJOR_CASES = [
+    dict(starts=[0, 5], ends=[37, 30]),  # kq conv + head mixing, GQA 2
+    dict(kv_heads=4, dropout=0.3),  # dropout over the group's two value heads: 3-D products
+    dict(n=45, documents=[[0, 20, 21], [0, 9, 40]], post=(3, 5)),  # packed documents, the post-softmax conv's band
+    dict(heads=8, kv_heads=2, group=8, size=(2, 3), padding="left"),  # value heads in chunks: the dV kernel
+]
+
+
+@pytest.mark.parametrize("case", KEY_MAJOR_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_key_major_tiles_compute_the_same_function(case, monkeypatch):
+    # The GPU takes (keys x queries) tiles in the key-major kernels for kq-conv layers at head_dim 128 only
+    # (`_key_major_tiles`), which the CPU tests' shapes never reach: here every path takes them.
+    monkeypatch.setattr(mta_triton, "_key_major_tiles", lambda *args: True)
+    check_against_reference(**case)
+
+
 PACKED_CASES = [
     dict(documents=[[0, 5, 6, 30], [0, 17]]),  # a one-token document; rows of different counts
     dict(documents=[[0, 3, 20], [0, 36]], size=(8, 15), padding="left"),  # documents shorter than the kernel
@@ -355,9 +371,9 @@ def test_the_mixed_attention_keeps_only_its_inputs_z_and_lse_for_the_backward(kv
     # Autograd through a float32 mixing product kept a float32 copy of z (twice z's memory) from each layer's
     # forward to its backward; the operator keeps z as the kernels wrote it, and mixes in its own kernels.
     batch, heads, n, d, c_h = 2, 4, 9, 16, 2
-    q, k, v = (torch.randn(batch, h, n, d, dtype=torch.float16, requires_grad=True)
+    q, k, v = (torch.randn(batch, h, n, d, device=DEVICE, dtype=torch.float16, requires_grad=True)
                for h in (heads, kv_heads, kv_heads))
-    mix = torch.randn(heads // c_h, c_h, c_h, requires_grad=True)
+    mix = torch.randn(heads // c_h, c_h, c_h, device=DEVICE, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         mta_triton.mta_attention_fused(q, k, v, None, mix)
@@ -376,9 +392,10 @@ def test_the_post_softmax_conv_keeps_no_shifted_copies_of_the_values_for_the_bac
     # shift, correction and mixing 7 more. Both are made again in the backward; what is kept: vhat and Y (6 each),
     # q, k, v (3), and small tensors.
     batch, heads, n, d = 1, 4, 32, 16
-    q, k, v = (torch.randn(batch, heads, n, d, dtype=torch.float16, requires_grad=True) for _ in range(3))
-    post = (0.3 * torch.randn(heads, 1, 3, 5)).requires_grad_()
-    mix = torch.randn(heads // 2, 2, 2, requires_grad=True)
+    q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    post = (0.3 * torch.randn(heads, 1, 3, 5, device=DEVICE)).requires_grad_()
+    mix = torch.randn(heads // 2, 2, 2, device=DEVICE, requires_grad=True)
     saved = {}
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault((t.data_ptr(), t.shape), t) if
                                                   t.data_ptr() else t, lambda t: t):
