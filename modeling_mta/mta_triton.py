@@ -1657,12 +1657,9 @@ def _post_conv_attention(q, k, v, theta, theta_post, mix, key_padding, group, se
     weights = mix.float() if mix is not None else torch.ones(heads, 1, 1, device=q.device)
     theta32 = theta_post.float()
     targets = v.repeat_interleave(heads // v.shape[1], dim=1)  # (B, H, N, d): each target head's values
-    # Made again in the backward rather than kept: for theta's gradient autograd kept the c_k' shifted copies of each
-    # head's n_e value heads, 10 of the 32 times the values' bytes that this layer kept (3 x 5 kernel, mixing of 2).
-    vhat = checkpoint(_post_conv_values, targets, theta32, left, weights.shape[-1], group, seg_start, seg_end,
-                      use_reentrant=False)
-    y, _, lse, sband = _attention_op(q, k, vhat.to(v.dtype), theta, None, key_padding, c_q * group, seg_start,
-                                     seg_end, 0.0, seed, left)
+    vhat = _PostConvValues.apply(targets, theta32, left, weights.shape[-1], group, seg_start, seg_end)
+    y, _, lse, sband = _attention_op(q, k, vhat, theta, None, key_padding, c_q * group, seg_start, seg_end, 0.0, seed,
+                                     left)
     # Made again in the backward too: kept, the float32 shifted Y and the values' rolled copies for R were 7 more.
     out = checkpoint(_post_conv_rows, y, lse, sband, theta32, weights, targets, group, seg_start, seg_end,
                      use_reentrant=False)
@@ -1744,20 +1741,69 @@ def _rows_back(x, s, dim, count):
     return torch.cat([zeros, x], dim).narrow(dim, x.shape[dim] - count, count)
 
 
+class _PostConvValues(torch.autograd.Function):
+    """`_post_conv_values` in the values' dtype, with a backward that needs only its inputs. Through autograd it kept
+    the c_k' shifted copies of each head's n_e value heads for theta's gradient (10 of the 32 times the values' bytes
+    that the layer kept, 3 x 5 kernel with mixing of 2); made again in the backward instead (`checkpoint`), their
+    float32 temporaries raised the backward's peak (32 x 128, 64k: 28.1 -> 32.6 GiB; benchmarks/NOTES.md)."""
+
+    @staticmethod
+    def forward(ctx, targets, theta32, left, c_h, group, seg_start, seg_end):
+        ctx.save_for_backward(targets, theta32, seg_start, seg_end)
+        ctx.left, ctx.c_h, ctx.group = left, c_h, group
+        return _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end).to(targets.dtype)
+
+    @staticmethod
+    def backward(ctx, dvhat):
+        """One kernel column t at a time: theta[., a, t]'s gradient sums dvhat_a times the values that vhat_a read
+        through t, and the values' gradient takes sum_a theta[a, t] dvhat_a back to the rows those came from."""
+        targets, theta32, seg_start, seg_end = ctx.saved_tensors
+        batch, heads, n, d = targets.shape
+        c_q, c_k = theta32.shape[-2:]
+        exact = torch.promote_types(targets.dtype, torch.float32)
+        value_heads = _post_conv_value_heads(heads, ctx.c_h, ctx.group, targets.device)
+        dvhat = dvhat.unflatten(1, (heads, c_q, ctx.group))  # (B, H, c_q', n_e, N, d)
+        dtheta = torch.zeros_like(theta32)
+        dsources = torch.zeros(batch, heads, ctx.group, n, d, device=targets.device, dtype=exact)
+        rows = torch.arange(n, device=targets.device)
+        for t in range(c_k):
+            shifted, inside = _values_read(targets, rows + ctx.left - t, seg_start, seg_end, value_heads, exact)
+            through_t = 0.0
+            for a in range(c_q):
+                dvhat_a = dvhat[:, :, a].to(exact)
+                dtheta[:, 0, a, t] = torch.einsum("bhend,bhend->h", dvhat_a, shifted).to(dtheta.dtype)
+                through_t = through_t + theta32[None, :, 0, a, t, None, None, None] * dvhat_a
+            # Row j read the values at j + left - t: its gradient goes there (what rolls around is outside: zero).
+            dsources += torch.roll(through_t * inside, ctx.left - t, dims=3)
+        dtargets = torch.zeros(batch, heads, n, d, device=targets.device, dtype=exact)
+        dtargets.index_add_(1, value_heads.flatten(), dsources.flatten(1, 2))
+        return dtargets.to(targets.dtype), dtheta, None, None, None, None, None
+
+
+def _values_read(targets, src, seg_start, seg_end, value_heads, dtype):
+    """(B, H, n_e, N, d): row j of source head h's value head e is V_e[src[j]] (zero outside j's segment), in dtype;
+    and where it is inside, (B, 1, 1, N, 1)."""
+    inside = ((src >= seg_start) & (src < seg_end)).to(dtype)[:, None, None, :, None]
+    return targets[:, :, src.clamp(0, targets.shape[2] - 1)][:, value_heads].to(dtype) * inside, inside
+
+
+def _post_conv_value_heads(heads, c_h, group, device):
+    """(H, n_e): the target heads whose values source head h mixes: its group's c_h, or where they are one (n_e = 1)
+    its own."""
+    source = torch.arange(heads, device=device)[:, None]
+    return source // c_h * c_h + torch.arange(group, device=device) if group > 1 else source
+
+
 def _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end):
     """vhat (B, H * c_q' * n_e, N, d): for source head h, kernel row a and value head e of n_e = `group` (its group's
     c_h target heads, or where they are one, h's), vhat[j] = sum_t theta'_h[a, t] V_e[j + left - t], V_e zero
     outside j's segment. Source head h's values are h * c_q' * n_e + a * n_e + e."""
-    heads, n = targets.shape[1], targets.shape[2]
-    c_q, c_k = theta32.shape[-2:]
-    source = torch.arange(heads, device=targets.device)[:, None]
-    value_heads = source // c_h * c_h + torch.arange(group, device=targets.device) if group > 1 else source
+    heads, n, c_k = targets.shape[1], targets.shape[2], theta32.shape[-1]
+    value_heads = _post_conv_value_heads(heads, c_h, group, targets.device)
     rows = torch.arange(n, device=targets.device)
     vhat = 0.0
     for t in range(c_k):
-        src = rows + left - t
-        inside = ((src >= seg_start) & (src < seg_end)).to(targets.dtype)[:, None, :, None]
-        shifted = (targets[:, :, src.clamp(0, n - 1)] * inside)[:, value_heads]  # (B, H, n_e, N, d)
+        shifted = _values_read(targets, rows + left - t, seg_start, seg_end, value_heads, targets.dtype)[0]
         vhat = vhat + theta32[None, :, 0, :, t, None, None, None] * shifted[:, :, None]
     return vhat.flatten(1, 3)
 

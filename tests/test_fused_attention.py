@@ -389,8 +389,8 @@ def test_the_mixed_attention_keeps_only_its_inputs_z_and_lse_for_the_backward(kv
 def test_the_post_softmax_conv_keeps_no_shifted_copies_of_the_values_for_the_backward():
     # Autograd through the mixed values (vhat) kept c_k' shifted copies of each head's n_e value heads for theta's
     # gradient: 10 of the 32 times the values' bytes that the layer kept at 3 x 5 with mixing of 2 (no GQA), and the
-    # shift, correction and mixing 7 more. Both are made again in the backward; what is kept: vhat and Y (6 each),
-    # q, k, v (3), and small tensors.
+    # shift, correction and mixing 7 more. The first has a backward of its own, the second is made again in the
+    # backward; what is kept: vhat and Y (6 each), q, k, v (3), and small tensors.
     batch, heads, n, d = 1, 4, 32, 16
     q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE, dtype=torch.float16, requires_grad=True)
                for _ in range(3))
