@@ -26,7 +26,8 @@ FLOAT_ARGS = {"scale", "dropout_p", "eps"}
 INT32_POINTERS = {"seg_start_ptr", "seg_end_ptr", "start_ptr"}
 INT64_POINTERS = {"seed_ptr"}
 FLOAT32_POINTERS = {"lse_ptr", "delta_ptr", "cband_ptr", "dcband_ptr", "band_ptr", "dband_ptr", "theta_ptr",
-                    "dtheta_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "sband_ptr", "dsband_ptr", "w_ptr", "rstd_ptr", "dw_ptr"}
+                    "dtheta_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "sband_ptr", "dsband_ptr", "w_ptr", "rstd_ptr",
+                    "dw_ptr"}
 
 
 def signature(kernel, constexprs: dict, dtype: str) -> dict:

@@ -123,8 +123,9 @@ class MTAGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """`mta_reference.group_norm` of x (B, N, H, d) on x's dtype (float32 statistics inside): with `fused` by
         the Triton kernels (`group_norm_fused`: one rounding, of the output), else by torch's fused RMSNorm (the
-        weight times the depth scale rounded to x's dtype first). GPU time forward+backward at 8 x 4096 tokens, 16 x 64 (H200): the Triton kernels
-        0.11 ms, torch's RMSNorm 0.84 with the copy that makes x contiguous (benchmarks/NOTES.md)."""
+        weight times the depth scale rounded to x's dtype first). GPU time forward+backward at 8 x 4096 tokens,
+        16 x 64 (H200): the Triton kernels 0.11 ms, torch's RMSNorm 0.84 with the copy that makes x contiguous
+        (benchmarks/NOTES.md)."""
         weight = self.weight * self.scale
         if fused:
             return group_norm_fused(x, weight)

@@ -1260,7 +1260,8 @@ _FITTED_TILINGS: dict = {}
 def _launch(kernel, grid, args, tiling, constants):
     """Runs `kernel` with a tiling over grid(BM, BN). A tiling that needs more shared memory than this GPU has
     (Triton refuses it before anything runs) is retried with fewer pipeline stages, then with smaller tiles."""
-    # Triton's interpreter (the CPU tests) ignores keyword arguments that the kernel does not take, the GPU refuses them.
+    # Triton's interpreter (the CPU tests) ignores keyword arguments that the kernel does not take; the GPU refuses
+    # them.
     unknown = set(constants) - set(getattr(kernel, "arg_names", constants))
     if unknown:
         raise TypeError(f"{kernel.fn.__name__} takes no {sorted(unknown)}")

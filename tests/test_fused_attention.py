@@ -625,9 +625,14 @@ GPU_CASES = [
 ]
 
 
+def gpu_case_id(c: dict) -> str:
+    return (f"h{c['heads']}kv{c['kv_heads']}x{c['head_dim']}-n{c['n']}-{c['size']}-g{c['group']}"
+            + ("-packed" if "documents" in c else "") + (f"-post{c['post']}" if "post" in c else ""))
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"h{c['heads']}kv{c['kv_heads']}x{c['head_dim']}-n{c['n']}-{c['size']}-g{c['group']}" + ("-packed" if "documents" in c else "") + (f"-post{c['post']}" if "post" in c else ""))
+@pytest.mark.parametrize("case", GPU_CASES, ids=gpu_case_id)
 def test_matches_the_reference_on_gpu_shapes(case, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     check_against_reference(batch=2, dtype=dtype, starts=[0, 37], ends=[case["n"], case["n"] - 11], **case)
