@@ -1752,7 +1752,10 @@ class _PostConvValues(torch.autograd.Function):
     def forward(ctx, targets, theta32, left, c_h, group, seg_start, seg_end):
         ctx.save_for_backward(targets, theta32, seg_start, seg_end)
         ctx.left, ctx.c_h, ctx.group = left, c_h, group
-        return _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end).to(targets.dtype)
+        vhat = _post_conv_values(targets, theta32, left, c_h, group, seg_start, seg_end)
+        # Cast only where the dtype changes: with a `.to` that changed nothing (float32 values), torch 2.11's dynamo
+        # gave this Function wrong gradients (torch 2.13 did not).
+        return vhat if vhat.dtype == targets.dtype else vhat.to(targets.dtype)
 
     @staticmethod
     def backward(ctx, dvhat):
