@@ -1896,16 +1896,22 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows, near=0):
     pad = key_padding_left(key_padding, c_k)
     stripe = (c_q - 1) + (c_k - 1 - pad)
     first = length - rows  # position of q_rows' first row
-    positions = first + torch.arange(rows, device=q_rows.device)
-    real = positions[None, :] >= key_start[:, None].long()  # (B, R)
-    q_real = q_rows.float() * real[:, None, :, None] / math.sqrt(head_dim)
-    # qhat[m, b] = sum_a theta[a, b] q~[i - (c_q - 1) + a] for the new rows i: windows of c_q rows, zeros before;
-    # each column block with its source head's kernel.
-    windows = F.pad(q_real, (0, 0, c_q - 1, 0)).unfold(2, c_q, 1)[:, :, rows - new_rows:]  # (B, H, M, c_p d, c_q)
-    sources = torch.arange(heads, device=q_rows.device)[:, None] // c_p * c_p + torch.arange(c_p, device=q_rows.device)
-    kernels = theta[:, 0].float()[sources]  # (H, c_p, c_q, c_k)
-    qhat = torch.einsum("nhmpda,hpat->nhmtpd", windows.unflatten(3, (c_p, head_dim)), kernels)
-    qhat = qhat.flatten(4).to(q_rows.dtype).contiguous()
+    if c_q == c_k == c_p == 1:
+        # No convolution: each new row's own query, unmasked: a row before its batch row's first real key sees no
+        # key. (Few ops: a decode step's time on the host is the number of its ops.)
+        qhat = (q_rows[:, :, rows - new_rows:, None].float() / math.sqrt(head_dim)).to(q_rows.dtype).contiguous()
+    else:
+        positions = first + torch.arange(rows, device=q_rows.device)
+        real = positions[None, :] >= key_start[:, None]  # (B, R)
+        q_real = q_rows.float() * real[:, None, :, None] / math.sqrt(head_dim)
+        # qhat[m, b] = sum_a theta[a, b] q~[i - (c_q - 1) + a] for the new rows i: windows of c_q rows, zeros
+        # before; each column block with its source head's kernel.
+        windows = F.pad(q_real, (0, 0, c_q - 1, 0)).unfold(2, c_q, 1)[:, :, rows - new_rows:]  # (B, H, M, c_p d, c_q)
+        sources = (torch.arange(heads, device=q_rows.device)[:, None] // c_p * c_p
+                   + torch.arange(c_p, device=q_rows.device))
+        kernels = theta[:, 0].float()[sources]  # (H, c_p, c_q, c_k)
+        qhat = torch.einsum("nhmpda,hpat->nhmtpd", windows.unflatten(3, (c_p, head_dim)), kernels)
+        qhat = qhat.flatten(4).to(q_rows.dtype).contiguous()
     cband = q_rows.new_zeros(1, dtype=torch.float32)
     if stripe > 0:
         band = _decode_band(q_real, k, key_start, first, c_q + c_k - 2, c_p)
