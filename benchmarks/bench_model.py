@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="350m")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384], help="training context lengths")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[4096, 16384],
+                        help="training context lengths (none: generation only)")
     parser.add_argument("--tokens-per-step", type=int, default=32768, help="batch = this / context (at least 1)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per row")
     parser.add_argument("--prompt", type=int, default=512, help="generation: prompt tokens")

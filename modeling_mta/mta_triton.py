@@ -1075,7 +1075,9 @@ def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, 
     tl.store(out_ptr + (head[:, None, None] * N + rows[None, :, None]) * N + cols[None, None, :], scale, mask=ok)
 
 
-@triton.jit
+# L, the cache's length, grows by one each step: specialized (Triton compiles apart the lengths divisible by 16), the
+# first such length in a generation compiled the kernel anew in the middle of it.
+@triton.jit(do_not_specialize=["L"])
 def _mta_decode_kernel(
     qhat_ptr, k_ptr, v_ptr, cband_ptr, z_ptr, lse_ptr, sband_ptr, start_ptr,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,

@@ -869,6 +869,39 @@ def test_the_model_decodes_with_the_kernel(monkeypatch, mta):
         torch.testing.assert_close(scores, ref_scores, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(CUDA, reason="watches the launches through Triton's interpreter")
+def test_no_kernel_compiles_anew_in_the_middle_of_a_generation(monkeypatch):
+    """Triton compiles a kernel apart for each class of its integer arguments (1, a multiple of 16, other) unless
+    told not to. The decode kernel took the cache's length, which changes class every 16 steps: on an H200 the
+    first multiple of 16 stopped a generation for 1.6 s to compile (benchmarks/NOTES.md, session 11)."""
+    _, fused = model_pair(kq_conv_size=[3, 5], head_mix_post_size=2, group_norm=True)
+    classes = {}  # (kernel, argument) -> the classes its values fell in
+    decoding = False
+
+    def watching(kernel, *args, grid, warmup, **kwargs):
+        if decoding:
+            for name, value in zip(kernel.arg_names, args):
+                if isinstance(value, int) and not isinstance(value, bool):
+                    classes.setdefault((kernel, name), set()).add("one" if value == 1 else value % 16 == 0)
+        return run(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+
+    run = triton.runtime.interpreter.InterpretedFunction.run
+    monkeypatch.setattr(triton.runtime.interpreter.InterpretedFunction, "run", watching)
+    ids = torch.randint(1, 61, (1, 10), device=DEVICE)
+    with torch.no_grad():
+        out = fused(input_ids=ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decoding = True
+        for _ in range(17):  # cache lengths 11..27: one multiple of 16 among them
+            out = fused(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+    watched = {kernel.__name__ for kernel, _ in classes}
+    assert {"_mta_decode_kernel", "_mix_forward_kernel", "_group_norm_fwd_kernel", "_stripe_kernel"} <= watched
+    changing = {(kernel.__name__, name) for (kernel, name), seen in classes.items() if len(seen) > 1
+                and name not in (kernel.kwargs.get("do_not_specialize") or ())}
+    assert not changing
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_decoding_matches_the_reference_on_gpu_shapes(dtype):
