@@ -30,7 +30,6 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 try:  # Triton ships with CUDA builds of torch; without it only the reference attention runs.
@@ -1075,6 +1074,31 @@ def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, 
     tl.store(out_ptr + (head[:, None, None] * N + rows[None, :, None]) * N + cols[None, None, :], scale, mask=ok)
 
 
+# `first` (the position of q_rows' first row) grows by one each decode step: see `_mta_decode_kernel`'s L.
+@triton.jit(do_not_specialize=["first"])
+def _decode_queries_kernel(
+    q_ptr, theta_ptr, qhat_ptr, start_ptr, stride_qb, stride_qh, stride_qn, R, M, first, H, scale,
+    C_Q: tl.constexpr, C_K: tl.constexpr, C_P: tl.constexpr, DQK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """qhat[b, h, m, t] = scale * sum_a theta[a, t] q[r - (C_Q - 1) + a] for the last M of the R query rows (r = R - M
+    + m, at position first + r), each column block with its source head's kernel (`_theta_columns`); rows before
+    q_rows' first or before the row's first real key (start[b]) count as zero. t = program axis 2."""
+    pid, bh, b, h = _program(H)
+    t = tl.program_id(2)
+    m = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, DQK)
+    start = tl.load(start_ptr + b)
+    acc = tl.zeros([BLOCK, DQK], dtype=tl.float32)
+    for a in tl.static_range(C_Q):
+        src = R - M + m - (C_Q - 1) + a
+        ok = (src >= 0) & (first + src >= start) & (m < M)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + src[:, None] * stride_qn + cols[None, :], mask=ok[:, None],
+                    other=0.0)
+        acc += _theta_columns(theta_ptr, h, a, t, C_Q, C_K, C_P, DQK) * q.to(tl.float32)
+    out = qhat_ptr + ((bh * M + m[:, None]) * C_K + t) * DQK + cols[None, :]
+    tl.store(out, (acc * scale).to(qhat_ptr.dtype.element_ty), mask=(m < M)[:, None])
+
+
 # L, the cache's length, grows by one each step: specialized (Triton compiles apart the lengths divisible by 16), the
 # first such length in a generation compiled the kernel anew in the middle of it.
 @triton.jit(do_not_specialize=["L"])
@@ -1203,6 +1227,8 @@ STRIPE_TILE = 4096
 
 # Rows per program of the head-mixing kernels (each holds a few (rows x d) float32 tiles).
 MIX_BLOCK = 32
+# New rows per program of the decode query mixing (a step has one, or c_q' with a post-softmax kq conv).
+DECODE_QUERY_ROWS = 16
 
 KERNELS = ("fwd", "dkdv", "dq", "dv")
 # Per kernel (of KERNELS), a (BM, BN, num_warps, num_stages) to use instead of `_tiles`' choice:
@@ -1898,28 +1924,32 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows, near=0):
     pad = key_padding_left(key_padding, c_k)
     stripe = (c_q - 1) + (c_k - 1 - pad)
     first = length - rows  # position of q_rows' first row
+    scale = 1.0 / math.sqrt(head_dim)
+    # Kernels rather than torch operations: a decode step's time is on the host, about the number of its operations
+    # (a kq-conv layer's call took 1.25 ms with the queries mixed and the band made by 65 of them; benchmarks/NOTES.md).
     if c_q == c_k == c_p == 1:
-        # No convolution: each new row's own query, unmasked: a row before its batch row's first real key sees no
-        # key. (Few ops: a decode step's time on the host is the number of its ops.)
-        qhat = (q_rows[:, :, rows - new_rows:, None].float() / math.sqrt(head_dim)).to(q_rows.dtype).contiguous()
+        # No convolution: each new row's own query, unmasked: a row before its batch row's first real key sees no key.
+        qhat = (q_rows[:, :, rows - new_rows:, None].float() * scale).to(q_rows.dtype).contiguous()
     else:
-        positions = first + torch.arange(rows, device=q_rows.device)
-        real = positions[None, :] >= key_start[:, None]  # (B, R)
-        q_real = q_rows.float() * real[:, None, :, None] / math.sqrt(head_dim)
-        # qhat[m, b] = sum_a theta[a, b] q~[i - (c_q - 1) + a] for the new rows i: windows of c_q rows, zeros
-        # before; each column block with its source head's kernel.
-        windows = F.pad(q_real, (0, 0, c_q - 1, 0)).unfold(2, c_q, 1)[:, :, rows - new_rows:]  # (B, H, M, c_p d, c_q)
-        sources = (torch.arange(heads, device=q_rows.device)[:, None] // c_p * c_p
-                   + torch.arange(c_p, device=q_rows.device))
-        kernels = theta[:, 0].float()[sources]  # (H, c_p, c_q, c_k)
-        qhat = torch.einsum("nhmpda,hpat->nhmtpd", windows.unflatten(3, (c_p, head_dim)), kernels)
-        qhat = qhat.flatten(4).to(q_rows.dtype).contiguous()
+        theta32 = theta.float().contiguous()
+        qhat = _output((batch, heads, new_rows, c_k, width_qk), q_rows)
+        _decode_queries_kernel[(triton.cdiv(new_rows, DECODE_QUERY_ROWS), batch * heads, c_k)](
+            q_rows, theta32, qhat, key_start, q_rows.stride(0), q_rows.stride(1), q_rows.stride(2), rows, new_rows,
+            first, heads, scale, C_Q=c_q, C_K=c_k, C_P=c_p, DQK=width_qk, BLOCK=DECODE_QUERY_ROWS)
     cband = q_rows.new_zeros(1, dtype=torch.float32)
     if stripe > 0:
-        band = _decode_band(q_real, k, key_start, first, c_q + c_k - 2, c_p)
+        # The band of q_rows: training's band kernel on rows 0..R-1, with the keys from position `first` on as its
+        # rows and each batch row's real keys from key_start - first (negative: keys before q_rows' first row).
+        start = key_start - first
+        width = c_q + c_k - 2
+        band = _output((batch, heads, c_p, width, rows), q_rows, torch.float32)
+        keys = k[:, :, first:]
+        _band_scores_kernel[_grid(rows, ROW_BLOCK, batch * heads)](
+            q_rows, keys, band, start, torch.full_like(start, rows), q_rows.stride(0), q_rows.stride(1),
+            q_rows.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), rows, heads, heads // k.shape[1], scale,
+            WB=width, BLOCK=ROW_BLOCK, D=width_qk, PACKED=False, C_P=c_p, num_warps=ROW_KERNEL_WARPS)
         # The stripe of a new row reads band columns up to c_q - 1 rows back, all inside q_rows.
-        cband = stripe_scores(band, theta.float().contiguous(), stripe,
-                              (key_start - first).to(torch.int32)[:, None].contiguous())
+        cband = stripe_scores(band, theta32, stripe, start[:, None])
         cband = cband[..., rows - new_rows:].contiguous()
     z = _output((batch, heads, new_rows, c_h * head_dim), q_rows)
     lse = _output((batch, heads, new_rows), q_rows, torch.float32)
@@ -1936,17 +1966,6 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows, near=0):
                  DOT_PRECISION="ieee" if q_rows.dtype == torch.float32 else "tf32", OWN_VALUES=own_values))
     return z, lse, sband
 
-
-def _decode_band(q_real, k, key_start, first, width, c_p):
-    """band[b, h, p, w, r] = q~[r] . k[first + r + w - (width - 1)] over column block p of c_p, for the R query rows
-    (real keys only): (B, H, c_p, W, R)."""
-    batch, heads, rows, width_qk = q_real.shape
-    keys = first + torch.arange(rows, device=k.device)[:, None] + torch.arange(width, device=k.device) - (width - 1)
-    real = (keys[None] >= key_start[:, None, None].long()) & (keys >= 0)  # (B, R, W)
-    near = k[:, :, keys.clamp(min=0)]  # (B, H_k, R, W, c_p d): only the keys next to the diagonal
-    near = near.repeat_interleave(heads // k.shape[1], dim=1).float()
-    band = torch.einsum("bhrpd,bhrwpd->bhpwr", q_real.unflatten(3, (c_p, -1)), near.unflatten(4, (c_p, -1)))
-    return band * real.transpose(1, 2)[:, None, None]
 
 def dropout_keep_scale(batch: int, heads: int, n: int, c_h: int, dropout_p: float, dropout_seed: int,
                        device) -> torch.Tensor:
