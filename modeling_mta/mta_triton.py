@@ -1078,26 +1078,25 @@ def _dropout_keep_kernel(out_ptr, seed_ptr, N, H, dropout_p, C_H: tl.constexpr, 
 @triton.jit(do_not_specialize=["first"])
 def _decode_queries_kernel(
     q_ptr, theta_ptr, qhat_ptr, start_ptr, stride_qb, stride_qh, stride_qn, R, M, first, H, scale,
-    C_Q: tl.constexpr, C_K: tl.constexpr, C_P: tl.constexpr, D: tl.constexpr, QB: tl.constexpr, KB: tl.constexpr,
+    C_Q: tl.constexpr, C_K: tl.constexpr, C_P: tl.constexpr, DQK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """qhat[b, h, m, t] = scale * sum_a theta[a, t] q[r - (C_Q - 1) + a] for new row m = program axis 0 of the last M
-    of the R query rows (r = R - M + m, at position first + r): theta^T (c_k x c_q) times the c_q query rows, one
-    product per column block with its source head's kernel (C_P blocks of D). Rows before q_rows' first or before
-    the row's first real key (start[b]) count as zero. QB, KB: c_q and c_k padded for the product."""
-    m, bh, b, h = _program(H)
-    a = tl.arange(0, QB)
-    t = tl.arange(0, KB)
-    cols = tl.arange(0, D)
-    src = R - M + m - (C_Q - 1) + a
-    ok = (a < C_Q) & (src >= 0) & (first + src >= tl.load(start_ptr + b))
-    for p in tl.static_range(C_P):
-        rows = tl.load(q_ptr + b * stride_qb + h * stride_qh + src[:, None] * stride_qn + p * D + cols[None, :],
-                       mask=ok[:, None], other=0.0).to(tl.float32)
-        kernel = tl.load(theta_ptr + (_source_head(h, p, C_P) * C_Q + a[None, :]) * C_K + t[:, None],
-                         mask=(t[:, None] < C_K) & (a[None, :] < C_Q), other=0.0)
-        mixed = tl.dot(kernel, rows, input_precision="ieee") * scale
-        out = qhat_ptr + ((bh * M + m) * C_K + t[:, None]) * (C_P * D) + p * D + cols[None, :]
-        tl.store(out, mixed.to(qhat_ptr.dtype.element_ty), mask=(t < C_K)[:, None])
+    """qhat[b, h, m, t] = scale * sum_a theta[a, t] q[r - (C_Q - 1) + a] for the last M of the R query rows (r = R - M
+    + m, at position first + r), each column block with its source head's kernel (`_theta_columns`); rows before
+    q_rows' first or before the row's first real key (start[b]) count as zero. t = program axis 2."""
+    pid, bh, b, h = _program(H)
+    t = tl.program_id(2)
+    m = pid * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, DQK)
+    start = tl.load(start_ptr + b)
+    acc = tl.zeros([BLOCK, DQK], dtype=tl.float32)
+    for a in tl.static_range(C_Q):
+        src = R - M + m - (C_Q - 1) + a
+        ok = (src >= 0) & (first + src >= start) & (m < M)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + src[:, None] * stride_qn + cols[None, :], mask=ok[:, None],
+                    other=0.0)
+        acc += _theta_columns(theta_ptr, h, a, t, C_Q, C_K, C_P, DQK) * q.to(tl.float32)
+    out = qhat_ptr + ((bh * M + m[:, None]) * C_K + t) * DQK + cols[None, :]
+    tl.store(out, (acc * scale).to(qhat_ptr.dtype.element_ty), mask=(m < M)[:, None])
 
 
 # L, the cache's length, grows by one each step: specialized (Triton compiles apart the lengths divisible by 16), the
@@ -1228,6 +1227,8 @@ STRIPE_TILE = 4096
 
 # Rows per program of the head-mixing kernels (each holds a few (rows x d) float32 tiles).
 MIX_BLOCK = 32
+# New rows per program of the decode query mixing (a step has one, or c_q' with a post-softmax kq conv).
+DECODE_QUERY_ROWS = 16
 
 KERNELS = ("fwd", "dkdv", "dq", "dv")
 # Per kernel (of KERNELS), a (BM, BN, num_warps, num_stages) to use instead of `_tiles`' choice:
@@ -1932,10 +1933,9 @@ def _decode(q_rows, k, v, theta, key_padding, c_h, key_start, new_rows, near=0):
     else:
         theta32 = theta.float().contiguous()
         qhat = _output((batch, heads, new_rows, c_k, width_qk), q_rows)
-        _decode_queries_kernel[(new_rows, batch * heads)](
+        _decode_queries_kernel[(triton.cdiv(new_rows, DECODE_QUERY_ROWS), batch * heads, c_k)](
             q_rows, theta32, qhat, key_start, q_rows.stride(0), q_rows.stride(1), q_rows.stride(2), rows, new_rows,
-            first, heads, scale, C_Q=c_q, C_K=c_k, C_P=c_p, D=head_dim, QB=max(16, triton.next_power_of_2(c_q)),
-            KB=max(16, triton.next_power_of_2(c_k)))
+            first, heads, scale, C_Q=c_q, C_K=c_k, C_P=c_p, DQK=width_qk, BLOCK=DECODE_QUERY_ROWS)
     cband = q_rows.new_zeros(1, dtype=torch.float32)
     if stripe > 0:
         # The band of q_rows: training's band kernel on rows 0..R-1, with the keys from position `first` on as its
