@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # SHARDED_STATE_DICT checkpoint: torch.distributed.checkpoint, {"model": sharded state dict}.
 WRITER = textwrap.dedent(
     """
-    import sys
+    import os, sys
     import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -48,10 +48,11 @@ WRITER = textwrap.dedent(
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full, folder + "/expected.pt")
-    # Both ranks done before gloo tears down. Once in CI (two pytest workers), rank 1 died of SIGABRT at teardown
-    # ("terminate called without an active exception") while rank 0 was still saving; not reproduced since.
+    # Both ranks done, every file closed; then out without gloo's teardown. Under two pytest workers that teardown
+    # aborted twice ("terminate called without an active exception", SIGABRT): once in rank 1 while rank 0 was still
+    # saving, and once, after a barrier had been added here, in rank 0 (session 11).
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)
     """
 )
 
